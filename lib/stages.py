@@ -1,0 +1,29 @@
+"""The pipeline's stages: notebook, params sections read, and nothing else.
+
+dvc.yaml declares the same sections under each stage's ``params:``; a test keeps the two
+in agreement so DVC reruns a stage exactly when a section it reads changes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    notebook: str
+    sections: tuple[str, ...]
+
+
+STAGES: dict[str, Stage] = {
+    s.name: s
+    for s in [
+        Stage("synthesize", "01_synthesize.ipynb", ("skills", "synthesize")),
+    ]
+}
+
+
+def get_stage(name: str) -> Stage:
+    if name not in STAGES:
+        raise KeyError(f"unknown stage {name!r}; known stages: {', '.join(STAGES)}")
+    return STAGES[name]
