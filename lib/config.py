@@ -105,10 +105,59 @@ class SynthesizeParams(Section):
         return self
 
 
+class ModelParams(Section):
+    """Stage 02: the base model. ``base: scratch`` pretrains a small Llama on the corpus;
+    anything else is a local path or hub id loaded with the Auto classes."""
+
+    base: str = "scratch"
+    trust_remote_code: bool = False
+    seed: int = 0
+    hidden_size: int = Field(128, ge=8)
+    intermediate_size: int = Field(512, ge=8)
+    num_layers: int = Field(4, ge=1)
+    num_heads: int = Field(4, ge=1)
+    max_len: int = Field(64, ge=16, description="longest training sequence in tokens")
+    pretrain_steps: int = Field(1000, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(3e-3, gt=0)
+
+    @model_validator(mode="after")
+    def _heads_divide(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}")
+        return self
+
+
+class ExpertsParams(Section):
+    """Stage 03: one LoRA per skill and the joint multi-skill LoRA (trl SFTTrainer + peft)."""
+
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1)
+    steps: int = Field(300, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    batch_size: int = Field(32, ge=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_length: int = Field(64, ge=8)
+    seed: int = 0
+
+
+class EvalParams(Section):
+    """The evaluation harness used by every stage."""
+
+    batch_size: int = Field(128, ge=1)
+    n_boot: int = Field(1000, ge=100)
+    ece_bins: int = Field(10, ge=2)
+
+
 # Section name in params.yaml -> schema. Later stages add their sections here.
 SCHEMAS: dict[str, type[Section]] = {
     "skills": SkillsParams,
     "synthesize": SynthesizeParams,
+    "model": ModelParams,
+    "experts": ExpertsParams,
+    "eval": EvalParams,
 }
 
 

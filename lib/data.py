@@ -80,7 +80,10 @@ def skill_splits(name: str, skills: SkillsParams, syn: SynthesizeParams, train_p
         test = unique_prompts(lambda: skill.generate(rng, skills.level(name)), syn.n_test, f"skill {name!r}")
         held = set(test)
         kept = [p for p in train_prompts if p not in held]
-        val, train = kept[: syn.n_val], kept[syn.n_val :]
+        val, train = kept[: syn.n_val], kept[syn.n_val : syn.n_val + syn.n_train]
+        if not train:
+            raise DataError(f"skill {name!r}: the teacher kept {len(kept)} new prompts, not more than n_val={syn.n_val}; "
+                            "raise synthesize.teacher.n_candidates or lower synthesize.n_val")
     return DatasetDict({
         split: _dataset(rows(ps, name, skill.family), f"{name}/{split}")
         for split, ps in (("train", train), ("validation", val), ("test", test))
@@ -217,10 +220,15 @@ def load_cards(data_dir: str | Path, names: list[str]) -> dict[str, dict]:
             exemplars = card["exemplars"]
         except Exception as e:
             raise DataError(f"{path}: not a skill card ({type(e).__name__}: {e})") from None
+        skill = skill_lib.get_skill(name)
         for ex in exemplars:
-            want = skill_lib.get_skill(name).solve(ex["prompt"])
-            if str(ex["answer"]) != want:
-                raise DataError(f"{path}: exemplar {ex['prompt']!r} has answer {ex['answer']!r}, the solver says {want!r}")
+            try:
+                prompt, answer = ex["prompt"], str(ex["answer"])
+                want = skill.solve(prompt)
+            except (KeyError, TypeError, skill_lib.MalformedPrompt) as e:
+                raise DataError(f"{path}: bad exemplar {ex!r} ({type(e).__name__}: {e})") from None
+            if answer != want:
+                raise DataError(f"{path}: exemplar {prompt!r} has answer {answer!r}, the solver says {want!r}")
         cards[name] = card
     return cards
 

@@ -47,6 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", default=".")
     args = ap.parse_args(argv)
     try:
+        get_stage(args.stage)
+    except KeyError as e:
+        print(f"error: {e.args[0]}", file=sys.stderr)
+        return 2
+    try:
         run(args.stage, args.params, args.profile, args.workdir)
     except config.ParamsError as e:
         print(f"error: {e}", file=sys.stderr)

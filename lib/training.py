@@ -1,0 +1,126 @@
+"""Training: the scratch base model (transformers Trainer) and LoRA experts (trl SFTTrainer + peft).
+
+Nothing here is a hand-written training loop: the field's trainers do the work, this
+module only chooses their settings so that the same params give the same numbers on CPU
+and GPU (bf16 on CUDA, fp32 on CPU).
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+from datasets import Dataset
+
+from .modeling import pick_device
+
+
+def count_parameters(model, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def build_scratch_model(tokenizer, m) -> "torch.nn.Module":
+    """A small Llama-architecture causal LM sized by the ``model`` params section."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(m.seed)
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
+        num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads, num_key_value_heads=m.num_heads,
+        max_position_embeddings=m.max_len, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def _common_args(out_dir: Path, steps: int, lr: float, batch_size: int, seed: int, weight_decay: float = 0.0,
+                 warmup: float = 0.05, progress: bool = True) -> dict:
+    device, dtype = pick_device()
+    return dict(
+        output_dir=str(out_dir), max_steps=steps, learning_rate=lr, per_device_train_batch_size=batch_size,
+        weight_decay=weight_decay, lr_scheduler_type="cosine", warmup_steps=max(1, int(warmup * steps)),
+        logging_steps=max(1, steps // 50), save_strategy="no", report_to=[], seed=seed, data_seed=seed,
+        bf16=dtype == torch.bfloat16, use_cpu=device.type == "cpu", dataloader_num_workers=0,
+        disable_tqdm=not progress,
+    )
+
+
+def loss_history(trainer) -> pd.DataFrame:
+    rows = [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h]
+    return pd.DataFrame(rows)
+
+
+def pretrain_base(model, tokenizer, corpus: Dataset, m, out_dir: Path, progress: bool = True):
+    """Causal-LM pretraining on the stage-01 corpus; returns (trainer, seconds)."""
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+    def tok(batch):
+        return tokenizer([t + tokenizer.eos_token for t in batch["text"]], truncation=True, max_length=m.max_len)
+
+    train = corpus.map(tok, batched=True, remove_columns=corpus.column_names)
+    args = TrainingArguments(**_common_args(out_dir / "trainer", m.pretrain_steps, m.lr, m.batch_size, m.seed, progress=progress))
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    # Right padding for training (labels of padded positions are -100 either way).
+    tokenizer.padding_side = "right"
+    trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collator)
+    t0 = time.perf_counter()
+    trainer.train()
+    tokenizer.padding_side = "left"
+    shutil.rmtree(out_dir / "trainer", ignore_errors=True)
+    return trainer, time.perf_counter() - t0
+
+
+def sft_rows(ds: Dataset) -> Dataset:
+    """prompt/completion pairs: trl then puts the loss on the completion (answer) tokens only."""
+    return ds.map(lambda r: {"prompt": r["prompt"], "completion": " " + r["answer"]},
+                  remove_columns=[c for c in ds.column_names if c not in ("prompt",)])
+
+
+def train_lora(base_dir: Path, train: Dataset, e, steps: int, seed: int, out_dir: Path, progress: bool = True,
+               resolved_params: dict | None = None) -> dict:
+    """Train one LoRA adapter with trl's SFTTrainer; save it with save_pretrained under ``out_dir``.
+
+    Written to ``out_dir.partial`` first and renamed at the end, so a killed run never
+    leaves a directory that looks like a finished adapter.
+    """
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from .modeling import load_causal_lm
+
+    device, dtype = pick_device()
+    model, tok = load_causal_lm(base_dir, dtype=dtype)
+    model.to(device)
+    tok.padding_side = "right"
+    lora = LoraConfig(r=e.rank, lora_alpha=e.alpha, lora_dropout=e.dropout, target_modules=list(e.target_modules),
+                      task_type="CAUSAL_LM", bias="none")
+    tmp = Path(str(out_dir) + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    args = SFTConfig(
+        **_common_args(tmp / "trainer", steps, e.lr, e.batch_size, seed, e.weight_decay, progress=progress),
+        completion_only_loss=True, max_length=e.max_length, packing=False,
+    )
+    trainer = SFTTrainer(model=model, args=args, train_dataset=sft_rows(train), processing_class=tok, peft_config=lora)
+    t0 = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - t0
+    shutil.rmtree(tmp / "trainer", ignore_errors=True)
+    trainer.model.save_pretrained(str(tmp))
+    hist = loss_history(trainer)
+    hist.to_csv(tmp / "train_loss.csv", index=False)
+    info = {
+        "steps": steps, "seed": seed, "seconds": round(seconds, 2),
+        "trainable_params": count_parameters(trainer.model, trainable_only=True),
+        "final_loss": float(hist["loss"].iloc[-1]) if len(hist) else math.nan,
+        "examples_seen": steps * e.batch_size, "train_examples": len(train),
+    }
+    (tmp / "train_info.json").write_text(json.dumps(info, indent=2))
+    # The params that produced this adapter travel with it.
+    (tmp / "params.json").write_text(json.dumps(resolved_params or {}, indent=2, sort_keys=True))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    return info

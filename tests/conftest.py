@@ -1,0 +1,35 @@
+"""Shared test fixtures. Every test is offline and writes only under tmp_path."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+# Offline before anything imports huggingface_hub / transformers / datasets (the
+# papermill kernels started by the tests inherit this environment too).
+for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+    os.environ[_var] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = REPO / "data"
+PARAMS = REPO / "params.yaml"
+PROFILES = REPO / "profiles"
+
+
+def make_workdir(dest: Path) -> Path:
+    """A scratch project root: data/, params.yaml and profiles/ copied from the repo."""
+    if not (DATA / "skills").is_dir():
+        pytest.fail(f"{DATA}/skills is missing: run `make setup` (it runs `dvc pull data.dvc`) first")
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(DATA, dest / "data")
+    shutil.copytree(PROFILES, dest / "profiles")
+    shutil.copy2(PARAMS, dest / "params.yaml")
+    return dest
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    return make_workdir(tmp_path / "project")
