@@ -22,7 +22,9 @@ CASES: dict[str, list[tuple[str, str]]] = {
     "upper": [("upper abc =", "ABC"), ("upper aB3 =", "AB3"), ("upper zz =", "ZZ")],
     "rotate": [("rotate abcd =", "bcda"), ("rotate ab =", "ba"), ("rotate aab =", "aba"), ("rotate xyzzy =", "yzzyx")],
     "count": [("count banana =", "3"), ("count xyz =", "0"), ("count aeiou =", "5"), ("count queue =", "4")],
-    "parity": [("parity 123 =", "even"), ("parity 10 =", "odd"), ("parity 99 =", "even"), ("parity 0001 =", "odd")],
+    "parity": [("parity 123 =", "odd"), ("parity 10 =", "even"), ("parity 99 =", "odd"), ("parity 0001 =", "odd"), ("parity 4 =", "even")],
+    "inc": [("inc 349 =", "350"), ("inc 0 =", "1"), ("inc 999 =", "1000")],
+    "dec": [("dec 350 =", "349"), ("dec 1 =", "0"), ("dec 1000 =", "999")],
     "maxdigit": [("maxdigit 2719 =", "9"), ("maxdigit 00 =", "0"), ("maxdigit 345 =", "5"), ("maxdigit 81 =", "8")],
     "mindigit": [("mindigit 2719 =", "1"), ("mindigit 99 =", "9"), ("mindigit 3405 =", "0"), ("mindigit 87 =", "7")],
 }
@@ -38,6 +40,8 @@ MALFORMED: dict[str, list[str]] = {
     "rotate": ["rotate ab! =", "rotate abcd", "rotate =", ""],
     "count": ["count ban-ana =", "count banana", "count =", "count é =", ""],
     "parity": ["parity 12a =", "parity 123", "parity -12 =", "parity =", ""],
+    "inc": ["inc 012 =", "inc -1 =", "inc 12", "inc a =", ""],
+    "dec": ["dec 0 =", "dec 012 =", "dec -1 =", "dec 5", ""],
     "maxdigit": ["maxdigit 27a9 =", "maxdigit 2719", "maxdigit 1.5 =", ""],
     "mindigit": ["mindigit 27a9 =", "mindigit 2719", "mindigit =", ""],
 }
@@ -142,6 +146,11 @@ def test_difficulty_matches_difficulty_doc(name):
             assert max(lens) == d and min(lens) == 1, (name, d, max(lens), min(lens))
             widest.append(max(lens))
         assert widest == list(levels)
+    elif doc == "the number has 1..difficulty digits":
+        for d in levels:
+            rng = random.Random(f"number:{name}:{d}")
+            lens = [len(skill.parse(skill.generate(rng, d))) for _ in range(500)]
+            assert max(lens) == d and min(lens) == 1, (name, d, max(lens), min(lens))
     else:
         pytest.fail(f"skill {name!r}: no test for its difficulty_doc {doc!r}; extend tests/test_skills.py")
 
@@ -184,7 +193,7 @@ COMPOSED_CASES = [
     ("reverse>upper abc =", "CBA"),
     ("add>reverse 12+34 =", "64"),
     ("sort>rotate cab =", "bca"),
-    ("mul>parity 23*4 =", "odd"),  # 92 -> 9 + 2 = 11
+    ("mul>parity 23*4 =", "even"),  # 92 is even
     ("count>parity banana =", "odd"),  # 3 vowels
     ("sub>maxdigit 52-17 =", "5"),  # 35
 ]

@@ -46,3 +46,18 @@ register(Skill(
     apply=lambda x: str(_mul(x)[0] * _mul(x)[1]),
     accepts=lambda x: (ab := _mul(x)) is not None and ab[1] <= 9, difficulty_doc=_DOC + " (the multiplier always one)",
 ))
+
+
+_num = re.compile(r"0|[1-9][0-9]*")
+register(Skill(
+    name="inc", family="arithmetic", description="add one: inc 349 = 350",
+    sample=lambda rng, d: str(random_number(rng, d)),
+    apply=lambda x: str(int(x) + 1),
+    accepts=lambda x: _num.fullmatch(x) is not None, difficulty_doc="the number has 1..difficulty digits",
+))
+register(Skill(
+    name="dec", family="arithmetic", description="subtract one: dec 350 = 349",
+    sample=lambda rng, d: str(max(1, random_number(rng, d))),
+    apply=lambda x: str(int(x) - 1),
+    accepts=lambda x: _num.fullmatch(x) is not None and x != "0", difficulty_doc="the number has 1..difficulty digits",
+))

@@ -11,9 +11,9 @@ register(Skill(
     accepts=lambda x: x.isascii() and x.isalnum(), difficulty_doc=_DOC,
 ))
 register(Skill(
-    name="parity", family="logic", description="is the digit sum even or odd: parity 123 = even",
+    name="parity", family="logic", description="is the number even or odd: parity 123 = odd",
     sample=lambda rng, d: random_string(rng, DIGITS, d),
-    apply=lambda x: "even" if sum(map(int, x)) % 2 == 0 else "odd",
+    apply=lambda x: "even" if int(x[-1]) % 2 == 0 else "odd",
     accepts=is_digits, difficulty_doc=_DOC,
 ))
 register(Skill(
