@@ -157,7 +157,7 @@ SCHEMAS: dict[str, type[Section]] = {
     "synthesize": SynthesizeParams,
     "model": ModelParams,
     "experts": ExpertsParams,
-    "eval": EvalParams,
+    "evaluation": EvalParams,
 }
 
 

@@ -12,11 +12,16 @@ import random
 import shutil
 from pathlib import Path
 
+import datasets as hf_datasets
 from datasets import Dataset, DatasetDict, load_from_disk
 
 from . import skills as skill_lib
 from .config import SkillsParams, SynthesizeParams
 from .skills import compose
+
+# Datasets loaded from disk would otherwise write cache-*.arrow files next to their data
+# on every .map(), which changes a DVC-tracked output after its stage has finished.
+hf_datasets.disable_caching()
 
 SPLITS = ("train", "validation", "test")
 COLUMNS = ("prompt", "answer", "skill", "family")
@@ -182,7 +187,7 @@ def load(path: str | Path, splits: tuple[str, ...] = ()) -> DatasetDict:
     if not path.exists():
         raise DataError(f"{path}: dataset not found; run stage 01 (dvc repro synthesize)")
     try:
-        ds = load_from_disk(str(path))
+        ds = load_from_disk(str(path), keep_in_memory=True)
     except Exception as e:  # datasets raises several types for a damaged directory
         raise DataError(f"{path}: not a readable dataset ({type(e).__name__}: {e})") from None
     missing = [s for s in splits if s not in ds]
@@ -277,3 +282,18 @@ def synthesize_all(skills: SkillsParams, syn: SynthesizeParams, out_dir: str | P
     if teacher_reports:
         summary["teacher"] = {r["skill"]: {k: v for k, v in r.items() if k != "skill"} for r in teacher_reports}
     return summary
+
+
+def test_sets(root: str | Path, skills: SkillsParams, split: str = "test") -> dict[str, Dataset]:
+    """The evaluation sets every stage scores on: all training skills' test splits together,
+    the composed set and the held-out skills (the last two absent when not synthesized)."""
+    from datasets import concatenate_datasets
+
+    root = Path(root) / "datasets"
+    out = {"skills": concatenate_datasets([load(root / "skills" / s, (split,))[split] for s in skills.train])}
+    if (root / "composed").exists():
+        out["composed"] = load(root / "composed", (split,))[split]
+    held = [load(root / "heldout" / s, (split,))[split] for s in skills.heldout]
+    if held:
+        out["heldout"] = concatenate_datasets(held)
+    return out

@@ -457,6 +457,8 @@ def evaluate(
     max_new_tokens: int | None = None,
     progress: bool = True,
     add_special_tokens: bool = True,
+    n_boot: int = 1000,
+    n_bins: int = 10,
 ) -> EvalResult:
     """Exact-match accuracy, bootstrap CIs and calibration of greedy answers on ``data``.
 
@@ -502,4 +504,4 @@ def evaluate(
     for col in frame.columns:
         if col not in out.columns:
             out[col] = frame[col].to_numpy()
-    return EvalResult(examples=out, max_new_tokens=int(max_new_tokens))
+    return EvalResult(examples=out, max_new_tokens=int(max_new_tokens), n_bins=n_bins, n_boot=n_boot)

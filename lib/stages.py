@@ -19,6 +19,8 @@ STAGES: dict[str, Stage] = {
     s.name: s
     for s in [
         Stage("synthesize", "01_synthesize.ipynb", ("skills", "synthesize")),
+        Stage("base", "02_base.ipynb", ("skills", "model", "evaluation")),
+        Stage("experts", "03_experts.ipynb", ("skills", "experts", "evaluation")),
     ]
 }
 

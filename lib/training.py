@@ -45,7 +45,7 @@ def _common_args(out_dir: Path, steps: int, lr: float, batch_size: int, seed: in
         weight_decay=weight_decay, lr_scheduler_type="cosine", warmup_steps=max(1, int(warmup * steps)),
         logging_steps=max(1, steps // 50), save_strategy="no", report_to=[], seed=seed, data_seed=seed,
         bf16=dtype == torch.bfloat16, use_cpu=device.type == "cpu", dataloader_num_workers=0,
-        disable_tqdm=not progress,
+        disable_tqdm=not progress, include_num_input_tokens_seen=True,
     )
 
 
