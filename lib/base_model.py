@@ -26,23 +26,27 @@ def prepare_base(m: ModelParams, corpus_dir: str | Path, out_dir: str | Path, pr
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    t0 = time.perf_counter()
-    if m.base == "scratch":
-        corpus = data.load(corpus_dir, ("train",))["train"]
-        tok = build_char_tokenizer(corpus["text"])
-        model = training.build_scratch_model(tok, m)
-        trainer, _ = training.pretrain_base(model, tok, corpus, m, tmp, progress=progress)
-        curve = training.loss_history(trainer)
-        tokens_seen = int(trainer.state.num_input_tokens_seen)
-        info = {"source": "scratch", "pretrain_steps": m.pretrain_steps, "tokens_seen": tokens_seen,
-                "final_loss": float(curve["loss"].tail(5).mean())}
-    else:
-        model, tok = load_causal_lm(m.base, m.trust_remote_code)
-        curve = pd.DataFrame(columns=["step", "loss"])
-        info = {"source": m.base, "pretrain_steps": 0, "tokens_seen": 0, "final_loss": float("nan")}
-    model.save_pretrained(str(tmp))
-    tok.save_pretrained(str(tmp))
-    info.update(parameters=training.count_parameters(model), vocab_size=len(tok), seconds=round(time.perf_counter() - t0, 1))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    try:
+        t0 = time.perf_counter()
+        if m.base == "scratch":
+            corpus = data.load(corpus_dir, ("train",))["train"]
+            tok = build_char_tokenizer(corpus["text"])
+            model = training.build_scratch_model(tok, m)
+            trainer, _ = training.pretrain_base(model, tok, corpus, m, tmp, progress=progress)
+            curve = training.loss_history(trainer)
+            tokens_seen = int(trainer.state.num_input_tokens_seen)
+            info = {"source": "scratch", "pretrain_steps": m.pretrain_steps, "tokens_seen": tokens_seen,
+                    "final_loss": float(curve["loss"].tail(5).mean())}
+        else:
+            model, tok = load_causal_lm(m.base, m.trust_remote_code)
+            curve = pd.DataFrame(columns=["step", "loss"])
+            info = {"source": m.base, "pretrain_steps": 0, "tokens_seen": 0, "final_loss": float("nan")}
+        model.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+        info.update(parameters=training.count_parameters(model), vocab_size=len(tok), seconds=round(time.perf_counter() - t0, 1))
+        shutil.rmtree(out_dir, ignore_errors=True)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return info, curve

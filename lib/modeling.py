@@ -48,7 +48,13 @@ def load_causal_lm(name_or_path: str | Path, trust_remote_code: bool = False, dt
 
 
 def _explain(name_or_path, what: str, err: Exception) -> str:
-    where = "local directory" if Path(str(name_or_path)).exists() else "hub id (no local directory by that name)"
+    text = str(name_or_path)
+    if Path(text).exists():
+        where = "local directory"
+    elif text.startswith((".", "~", "/")) or text.count("/") > 1:
+        where = "no such local directory; check model.base in params.yaml"
+    else:
+        where = "hub id (no local directory by that name)"
     return (
         f"cannot load {what} from {str(name_or_path)!r} ({where}): {type(err).__name__}: {err}. "
         "Give a directory written by save_pretrained with safetensors weights, or a hub id this machine can reach; "

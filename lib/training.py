@@ -68,8 +68,10 @@ def pretrain_base(model, tokenizer, corpus: Dataset, m, out_dir: Path, progress:
     tokenizer.padding_side = "right"
     trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collator)
     t0 = time.perf_counter()
-    trainer.train()
-    tokenizer.padding_side = "left"
+    try:
+        trainer.train()
+    finally:
+        tokenizer.padding_side = "left"
     shutil.rmtree(out_dir / "trainer", ignore_errors=True)
     return trainer, time.perf_counter() - t0
 
@@ -100,27 +102,31 @@ def train_lora(base_dir: Path, train: Dataset, e, steps: int, seed: int, out_dir
                       task_type="CAUSAL_LM", bias="none")
     tmp = Path(str(out_dir) + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    args = SFTConfig(
-        **_common_args(tmp / "trainer", steps, e.lr, e.batch_size, seed, e.weight_decay, progress=progress),
-        completion_only_loss=True, max_length=e.max_length, packing=False,
-    )
-    trainer = SFTTrainer(model=model, args=args, train_dataset=sft_rows(train), processing_class=tok, peft_config=lora)
-    t0 = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - t0
-    shutil.rmtree(tmp / "trainer", ignore_errors=True)
-    trainer.model.save_pretrained(str(tmp))
-    hist = loss_history(trainer)
-    hist.to_csv(tmp / "train_loss.csv", index=False)
-    info = {
-        "steps": steps, "seed": seed, "seconds": round(seconds, 2),
-        "trainable_params": count_parameters(trainer.model, trainable_only=True),
-        "final_loss": float(hist["loss"].iloc[-1]) if len(hist) else math.nan,
-        "examples_seen": steps * e.batch_size, "train_examples": len(train),
-    }
-    (tmp / "train_info.json").write_text(json.dumps(info, indent=2))
-    # The params that produced this adapter travel with it.
-    (tmp / "params.json").write_text(json.dumps(resolved_params or {}, indent=2, sort_keys=True))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    try:
+        args = SFTConfig(
+            **_common_args(tmp / "trainer", steps, e.lr, e.batch_size, seed, e.weight_decay, progress=progress),
+            completion_only_loss=True, max_length=e.max_length, packing=False,
+        )
+        trainer = SFTTrainer(model=model, args=args, train_dataset=sft_rows(train), processing_class=tok, peft_config=lora)
+        t0 = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - t0
+        shutil.rmtree(tmp / "trainer", ignore_errors=True)
+        trainer.model.save_pretrained(str(tmp))
+        hist = loss_history(trainer)
+        hist.to_csv(tmp / "train_loss.csv", index=False)
+        info = {
+            "steps": steps, "seed": seed, "seconds": round(seconds, 2),
+            "trainable_params": count_parameters(trainer.model, trainable_only=True),
+            "final_loss": float(hist["loss"].iloc[-1]) if len(hist) else math.nan,
+            "examples_seen": steps * e.batch_size, "train_examples": len(train),
+        }
+        (tmp / "train_info.json").write_text(json.dumps(info, indent=2))
+        # The params that produced this adapter travel with it.
+        (tmp / "params.json").write_text(json.dumps(resolved_params or {}, indent=2, sort_keys=True))
+        shutil.rmtree(out_dir, ignore_errors=True)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return info

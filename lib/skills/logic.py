@@ -28,3 +28,9 @@ register(Skill(
     sample=lambda rng, d: random_string(rng, DIGITS, d),
     apply=lambda x: min(x), accepts=is_digits, difficulty_doc=_DOC,
 ))
+register(Skill(
+    name="length", family="logic", description="number of characters: length hello = 5",
+    sample=lambda rng, d: random_string(rng, LOWER, d),
+    apply=lambda x: str(len(x)),
+    accepts=lambda x: x.isascii() and x.isalnum(), difficulty_doc=_DOC,
+))

@@ -1,0 +1,369 @@
+"""Stages 02-03 on tiny models: the base (scratch or by path), LoRA training, the train_expert
+CLI, adapter loading and the expert x skill score matrix.
+
+Every model is built here (hidden size 32, one layer, a few steps), offline, under tmp_path.
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from conftest import make_workdir
+from lib import data, experts, train_expert, training
+from lib.base_model import prepare_base
+from lib.config import EvalParams, ExpertsParams, ModelParams, SkillsParams, SynthesizeParams
+from lib.modeling import ModelLoadError, load_causal_lm
+from lib.tokenization import build_char_tokenizer
+
+TINY = dict(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4, max_len=32, pretrain_steps=5, batch_size=8)
+EXPERT = ExpertsParams(rank=4, alpha=12, target_modules=["q_proj", "v_proj"], steps=5, lr=1e-2, batch_size=4, max_length=32, seed=0)
+SKILLS = SkillsParams(train=["reverse", "upper"], difficulty={"default": 3})
+SYN = SynthesizeParams(n_train=12, n_val=1, n_test=3)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices on a busy 2-core box: one thread is faster and keeps runs reproducible."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_llama(tok, hidden: int = 32, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64, pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def skill_sets() -> dict:
+    return {s: data.skill_splits(s, SKILLS, SYN) for s in SKILLS.train}
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory) -> Path:
+    from datasets import Dataset, DatasetDict
+
+    rng = random.Random(0)
+    lines = [data.corpus_line(rng, SKILLS.train, 5) for _ in range(50)]
+    path = tmp_path_factory.mktemp("corpus") / "corpus"
+    data.save(DatasetDict({"train": Dataset.from_dict({"text": lines[5:]}),
+                           "validation": Dataset.from_dict({"text": lines[:5]})}), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def scratch_base(tmp_path_factory, corpus_dir):
+    """(info, curve, models/base) of a scratch base, built once for the module."""
+    out = tmp_path_factory.mktemp("scratch") / "models" / "base"
+    info, curve = prepare_base(ModelParams(**TINY), corpus_dir, out, progress=False)
+    return info, curve, out
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, scratch_base):
+    """One LoRA trained by train_lora on the scratch base: (out_dir, info, resolved params)."""
+    _, _, base = scratch_base
+    out = tmp_path_factory.mktemp("lora") / "models" / "experts" / "reverse"
+    resolved = {"experts": EXPERT.model_dump(mode="json"), "name": "reverse", "steps": EXPERT.steps}
+    info = training.train_lora(base, skill_sets()["reverse"]["train"], EXPERT, EXPERT.steps, EXPERT.seed, out,
+                               progress=False, resolved_params=resolved)
+    return out, info, resolved
+
+
+@pytest.fixture(scope="module")
+def second_adapter(tmp_path_factory, scratch_base) -> Path:
+    """A second valid adapter on the same base (peft, random non-zero LoRA weights; no training needed)."""
+    from peft import LoraConfig, get_peft_model
+
+    _, _, base = scratch_base
+    model, _ = load_causal_lm(base)
+    torch.manual_seed(1)
+    cfg = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "o_proj"], task_type="CAUSAL_LM", init_lora_weights=False)
+    out = tmp_path_factory.mktemp("lora2") / "upper"
+    get_peft_model(model, cfg).save_pretrained(str(out))
+    return out
+
+
+# --------------------------------------------------------------------------- 1. base by path
+
+
+@pytest.fixture
+def hf_model(tmp_path):
+    tok = build_char_tokenizer()
+    model = tiny_llama(tok)
+    path = tmp_path / "hf_model"
+    model.save_pretrained(str(path), safe_serialization=True)
+    tok.save_pretrained(str(path))
+    return path, model, tok
+
+
+def test_base_from_path_is_saved_and_gives_identical_logits(tmp_path, hf_model):
+    path, model, tok = hf_model
+    assert (path / "model.safetensors").is_file()
+    out = tmp_path / "models" / "base"
+    info, curve = prepare_base(ModelParams(base=str(path)), corpus_dir=tmp_path / "no_corpus", out_dir=out, progress=False)
+    assert info["source"] == str(path)
+    assert info["pretrain_steps"] == 0 and info["tokens_seen"] == 0
+    assert info["parameters"] == sum(p.numel() for p in model.parameters())
+    assert info["vocab_size"] == len(tok)
+    assert curve.empty
+    assert (out / "model.safetensors").is_file()
+    assert not out.with_name("base.partial").exists()
+
+    loaded, ltok = load_causal_lm(out)
+    ids = tok(["copy abc = abc", "reverse xyz ="], return_tensors="pt", padding=True)
+    assert ltok(["copy abc = abc"])["input_ids"] == tok(["copy abc = abc"])["input_ids"]
+    with torch.no_grad():
+        want = model(**ids).logits
+        got = loaded(**ids).logits
+    assert got.shape == want.shape
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_base_from_missing_path_is_a_clear_error(tmp_path):
+    missing = tmp_path / "no_such_model"
+    out = tmp_path / "models" / "base"
+    with pytest.raises(ModelLoadError, match="no_such_model"):
+        prepare_base(ModelParams(base=str(missing)), corpus_dir=tmp_path / "no_corpus", out_dir=out, progress=False)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("trust", [None, False, True])
+def test_trust_remote_code_is_off_by_default_and_passed_through(tmp_path, hf_model, monkeypatch, trust):
+    path, _, _ = hf_model
+    calls: dict[str, list[dict]] = {"model": [], "tokenizer": []}
+    real_model = transformers.AutoModelForCausalLM.from_pretrained
+    real_tok = transformers.AutoTokenizer.from_pretrained
+
+    def fake_model(*args, **kwargs):
+        calls["model"].append(kwargs)
+        return real_model(*args, **kwargs)
+
+    def fake_tok(*args, **kwargs):
+        calls["tokenizer"].append(kwargs)
+        return real_tok(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake_model)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fake_tok)
+    m = ModelParams(base=str(path)) if trust is None else ModelParams(base=str(path), trust_remote_code=trust)
+    if trust is None:
+        assert m.trust_remote_code is False
+    prepare_base(m, corpus_dir=tmp_path / "no_corpus", out_dir=tmp_path / "base", progress=False)
+    want = bool(trust)
+    assert [c["trust_remote_code"] for c in calls["model"]] == [want]
+    assert [c["trust_remote_code"] for c in calls["tokenizer"]] == [want]
+    assert calls["model"][0]["use_safetensors"] is True
+
+
+# --------------------------------------------------------------------------- 2. scratch base
+
+
+def test_scratch_base_is_saved_complete(scratch_base):
+    info, curve, out = scratch_base
+    assert info["source"] == "scratch" and info["pretrain_steps"] == TINY["pretrain_steps"]
+    assert info["tokens_seen"] > 0
+    assert info["parameters"] > 0
+    assert len(curve) > 0 and list(curve.columns) == ["step", "loss"]
+    assert curve["loss"].notna().all()
+    assert (out / "model.safetensors").is_file()
+    assert (out / "config.json").is_file()
+    assert (out / "tokenizer.json").is_file() and (out / "tokenizer_config.json").is_file()
+    assert not list(out.parent.rglob("*.partial"))
+    assert not (out / "trainer").exists()
+    model, tok = load_causal_lm(out)
+    assert model.config.hidden_size == TINY["hidden_size"] and model.config.num_hidden_layers == TINY["num_layers"]
+    assert model.config.vocab_size == len(tok) == info["vocab_size"]
+
+
+def test_scratch_base_is_deterministic(tmp_path, scratch_base, corpus_dir):
+    _, _, first = scratch_base
+    info, _ = prepare_base(ModelParams(**TINY), corpus_dir, tmp_path / "models" / "base", progress=False)
+    assert (tmp_path / "models" / "base" / "model.safetensors").read_bytes() == (first / "model.safetensors").read_bytes()
+    assert info["tokens_seen"] == scratch_base[0]["tokens_seen"]
+
+
+# --------------------------------------------------------------------------- 3. LoRA training
+
+
+def test_train_lora_writes_a_complete_adapter(trained, scratch_base):
+    out, info, resolved = trained
+    for f in ("adapter_config.json", "adapter_model.safetensors", "train_loss.csv", "train_info.json", "params.json"):
+        assert (out / f).is_file(), f
+    assert not Path(str(out) + ".partial").exists()
+    assert not (out / "trainer").exists()
+    saved = json.loads((out / "train_info.json").read_text())
+    assert saved == info
+    assert saved["steps"] == EXPERT.steps and saved["seed"] == EXPERT.seed
+    total = scratch_base[0]["parameters"]
+    assert 0 < saved["trainable_params"] < total
+    assert json.loads((out / "params.json").read_text()) == resolved
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["r"] == EXPERT.rank and cfg["lora_alpha"] == EXPERT.alpha
+    assert set(cfg["target_modules"]) == set(EXPERT.target_modules)
+    loss = (out / "train_loss.csv").read_text().splitlines()
+    assert loss[0] == "step,loss" and len(loss) > 1
+
+
+def test_sft_rows_put_the_answer_in_the_completion():
+    train = skill_sets()["reverse"]["train"]
+    rows = training.sft_rows(train)
+    assert set(rows.column_names) == {"prompt", "completion"}
+    assert rows["prompt"] == train["prompt"]
+    assert rows["completion"] == [" " + a for a in train["answer"]]
+
+
+def test_interrupted_training_leaves_nothing_complete(tmp_path, trained, scratch_base, monkeypatch):
+    import trl
+
+    def killed(self, *a, **k):
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(trl.SFTTrainer, "train", killed)
+    _, _, base = scratch_base
+    train = skill_sets()["reverse"]["train"]
+
+    out = tmp_path / "experts" / "reverse"
+    with pytest.raises(RuntimeError, match="killed"):
+        training.train_lora(base, train, EXPERT, EXPERT.steps, 0, out, progress=False, resolved_params={"x": 1})
+    assert not out.exists()
+    partial = Path(str(out) + ".partial")
+    assert not (partial / "adapter_config.json").exists() and not (partial / "train_info.json").exists()
+
+    # An earlier finished adapter under out_dir: the failed rerun leaves it as it was (the
+    # old one is only replaced by the rename at the very end of a successful run).
+    done, _, _ = trained
+    old = tmp_path / "old" / "reverse"
+    shutil.copytree(done, old)
+    before = {p.name: p.read_bytes() for p in old.iterdir()}
+    with pytest.raises(RuntimeError, match="killed"):
+        training.train_lora(base, train, EXPERT, EXPERT.steps, 1, old, progress=False, resolved_params={"x": 2})
+    assert {p.name: p.read_bytes() for p in old.iterdir()} == before
+
+
+# --------------------------------------------------------------------------- 4. train_expert CLI
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch) -> Path:
+    root = make_workdir(tmp_path / "project")
+    monkeypatch.chdir(root)
+    return root
+
+
+def test_train_expert_unknown_skill(project, capsys):
+    assert train_expert.main(["nosuchskill"]) == 2
+    err = capsys.readouterr().err
+    assert "nosuchskill" in err and "skills.train" in err
+    import yaml
+
+    for skill in yaml.safe_load((project / "params.yaml").read_text())["skills"]["train"]:
+        assert skill in err
+    assert not (project / "models").exists()
+
+
+def test_train_expert_joint_needs_budget(project, capsys):
+    assert train_expert.main(["joint"]) == 2
+    err = capsys.readouterr().err
+    assert "same_steps" in err and "total_steps" in err and "budget" in err
+    assert not (project / "models").exists()
+
+
+def test_joint_train_set_is_the_shuffled_union(tmp_path):
+    sets = skill_sets()
+    for s, ds in sets.items():
+        data.save(ds, tmp_path / "datasets" / "skills" / s)
+    a = train_expert.joint_train_set(SKILLS.train, tmp_path, seed=0)
+    assert len(a) == sum(len(ds["train"]) for ds in sets.values())
+    union = sorted(p for ds in sets.values() for p in ds["train"]["prompt"])
+    assert sorted(a["prompt"]) == union
+    assert a["prompt"] == train_expert.joint_train_set(SKILLS.train, tmp_path, seed=0)["prompt"]
+    assert a["prompt"] != train_expert.joint_train_set(SKILLS.train, tmp_path, seed=1)["prompt"]
+    concat = [p for s in SKILLS.train for p in sets[s]["train"]["prompt"]]
+    assert a["prompt"] != concat  # shuffled, not just concatenated
+
+
+# --------------------------------------------------------------------------- 5. adapter loading
+
+
+def test_missing_adapter_config_is_an_adapter_error(tmp_path, scratch_base, trained):
+    _, _, base = scratch_base
+    empty = tmp_path / "empty_adapter"
+    empty.mkdir()
+    with pytest.raises(experts.AdapterError, match="empty_adapter"):
+        experts.load_with_adapters(base, {"reverse": trained[0], "empty": empty})
+
+
+def test_adapter_for_another_hidden_size_is_an_adapter_error(tmp_path, scratch_base):
+    from peft import LoraConfig, get_peft_model
+
+    _, _, base = scratch_base
+    tok = build_char_tokenizer()
+    other = get_peft_model(tiny_llama(tok, hidden=48), LoraConfig(r=2, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    path = tmp_path / "hidden48_adapter"
+    other.save_pretrained(str(path))
+    with pytest.raises(experts.AdapterError) as err:
+        experts.load_with_adapters(base, {"wide": path})
+    assert str(path) in str(err.value) and "'wide'" in str(err.value)
+
+
+def test_truncated_adapter_weights_are_an_adapter_error(tmp_path, scratch_base, trained):
+    _, _, base = scratch_base
+    bad = tmp_path / "truncated_adapter"
+    shutil.copytree(trained[0], bad)
+    f = bad / "adapter_model.safetensors"
+    blob = f.read_bytes()
+    f.write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(experts.AdapterError) as err:
+        experts.load_with_adapters(base, {"reverse": trained[0], "bad": bad})
+    assert str(bad) in str(err.value)
+
+
+def test_two_adapters_load_side_by_side(scratch_base, trained, second_adapter):
+    _, _, base = scratch_base
+    model, tok = experts.load_with_adapters(base, {"reverse": trained[0], "upper": second_adapter})
+    assert set(model.peft_config) == {"reverse", "upper"}
+    assert model.peft_config["reverse"].r == EXPERT.rank and model.peft_config["upper"].r == 2
+    assert not model.training
+    # The trained adapter's weights are the ones on disk, not a fresh init.
+    from safetensors.torch import load_file
+
+    saved = load_file(str(trained[0] / "adapter_model.safetensors"))
+    state = model.state_dict()
+    assert saved and all(".lora_" in k for k in saved)
+    for key, value in saved.items():
+        in_model = re.sub(r"\.(lora_[AB])\.weight$", r".\1.reverse.weight", key)
+        assert torch.equal(state[in_model].cpu(), value), key
+
+
+# --------------------------------------------------------------------------- 6. score matrix
+
+
+def test_score_matrix_rows(scratch_base, trained, second_adapter):
+    from datasets import concatenate_datasets
+
+    _, _, base = scratch_base
+    model, tok = experts.load_with_adapters(base, {"reverse": trained[0], "upper": second_adapter})
+    tests = concatenate_datasets([ds["test"] for ds in skill_sets().values()]).select_columns(["prompt", "answer", "skill"])
+    names = ["__base__", "reverse", "upper"]
+    table = experts.score_matrix(model, tok, tests, names, EvalParams(batch_size=8, n_boot=100, ece_bins=2), progress=False)
+    assert list(table.columns) == ["model", "skill", "n", "accuracy", "ci_low", "ci_high", "ece"]
+    assert len(table) == len(names) * len(SKILLS.train)
+    assert set(zip(table["model"], table["skill"])) == {(m, s) for m in ("base", "reverse", "upper") for s in SKILLS.train}
+    assert table["accuracy"].between(0, 1).all()
+    assert (table.groupby("model")["n"].sum() == len(tests)).all()
