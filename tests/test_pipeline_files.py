@@ -78,8 +78,29 @@ def test_readme_path_filter():
     assert _readme_paths(sample) == ["lib/config.py", "params.yaml", "Makefile"]
 
 
+# Training steps are plain commands (no notebook): one per skill or budget, run by foreach.
+TRAINING_STEPS = {"expert", "joint"}
+
+
+def _notebook_stages() -> dict:
+    return {n: s for n, s in _dvc_stages().items() if n not in TRAINING_STEPS}
+
+
+def test_training_steps_run_train_expert_and_never_a_notebook():
+    raw = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    for name in TRAINING_STEPS:
+        assert "foreach" in raw[name] or "matrix" in raw[name], f"{name}: one DVC stage per skill/budget"
+        do = raw[name]["do"]
+        assert shlex.split(do["cmd"])[:3] == ["python", "-m", "lib.train_expert"]
+        assert [_entry(p) for p in do["params"]][0] == "experts"
+        for dep in do["deps"]:
+            assert not dep.startswith("notebooks/"), f"{name} must not depend on a notebook"
+            if "${" not in dep:
+                assert (REPO / dep).exists() or dep.startswith(("models/", "datasets")), dep
+
+
 def test_dvc_stages_match_lib_stages():
-    dvc = _dvc_stages()
+    dvc = _notebook_stages()
     assert set(dvc) == set(STAGES), f"dvc.yaml stages {sorted(dvc)} != lib.stages.STAGES {sorted(STAGES)}"
     for name, stage in dvc.items():
         params = [_entry(p) for p in stage.get("params", [])]
@@ -91,7 +112,7 @@ def test_dvc_stages_match_lib_stages():
 
 
 def test_dvc_deps_and_notebooks_exist():
-    for name, stage in _dvc_stages().items():
+    for name, stage in _notebook_stages().items():
         cmd = shlex.split(stage["cmd"])
         assert cmd[:3] == ["python", "-m", "lib.run_stage"], f"{name}: stages run through lib.run_stage, got {stage['cmd']!r}"
         assert cmd[3] == name, f"dvc.yaml stage {name!r} runs stage {cmd[3]!r}"
@@ -100,7 +121,7 @@ def test_dvc_deps_and_notebooks_exist():
         deps = [_entry(d) for d in stage.get("deps", [])]
         assert notebook in deps, f"{name}: its notebook {notebook} must be a dep"
         for dep in deps:
-            if "${" in dep:
+            if "${" in dep or dep.startswith(("datasets", "models")):  # outputs of earlier stages
                 continue
             assert (REPO / dep).exists(), f"dvc.yaml stage {name!r} depends on {dep!r}, which does not exist"
         outs = [_entry(o) for key in ("outs", "metrics", "plots") for o in stage.get(key, [])]
