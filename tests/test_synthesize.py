@@ -387,3 +387,21 @@ def test_teacher_path_end_to_end(tmp_path, one_thread):
         assert a == x[::-1]
     assert summary["skills"]["reverse"] == {"family": "string", "train": len(ds["train"]), "validation": P.n_val, "test": P.n_test}
     assert summary["overlap_total"] == 0
+
+
+def test_a_new_skill_flows_through_synthesis_without_code_changes(smoke_params, tmp_path, monkeypatch):
+    """The README's example: one registered Skill, named in params, gets its datasets."""
+    from lib.skills.base import LOWER, Skill, is_word, random_string
+
+    double = Skill(name="double", family="string", description="write the input twice: double ab = abab",
+                   sample=lambda rng, d: random_string(rng, LOWER, d), apply=lambda x: x + x, accepts=is_word,
+                   difficulty_doc="length uniform in [2, difficulty + 1]")
+    monkeypatch.setitem(skill_lib.base._REGISTRY, "double", double)
+    S, P = smoke_params
+    S2 = config.validate_section("skills", {**S.model_dump(), "train": [*S.train, "double"]})
+    summary = data.synthesize_all(S2, P, tmp_path / "datasets", DATA)
+    assert summary["skills"]["double"]["train"] == P.n_train
+    ds = data.load(tmp_path / "datasets" / "skills" / "double", ("train", "test"))
+    assert all(a == p.split(" ")[1] * 2 for p, a in zip(ds["test"]["prompt"], ds["test"]["answer"]))
+    composed = data.load(tmp_path / "datasets" / "composed", ("test",))["test"]["skill"]
+    assert any("double" in s for s in composed), "the new skill also enters the composed set"
