@@ -239,7 +239,7 @@ def load_cards(data_dir: str | Path, names: list[str]) -> dict[str, dict]:
 
 
 def synthesize_all(skills: SkillsParams, syn: SynthesizeParams, out_dir: str | Path = "datasets",
-                   data_dir: str | Path = "data") -> dict:
+                   data_dir: str | Path = "data", progress: bool = True) -> dict:
     """Write every stage-01 dataset under ``out_dir``; return a summary for metrics and the notebook."""
     from tqdm.auto import tqdm
 
@@ -252,7 +252,7 @@ def synthesize_all(skills: SkillsParams, syn: SynthesizeParams, out_dir: str | P
         from .teacher import generate_prompts
 
         model, tok = load_causal_lm(syn.teacher.model, syn.teacher.trust_remote_code)
-        for name in tqdm(skills.train, desc="teacher generation"):
+        for name in tqdm(skills.train, desc="teacher generation", disable=not progress):
             if name not in cards:
                 raise DataError(f"{Path(data_dir) / 'skills' / (name + '.yaml')}: missing; the teacher needs seed exemplars for {name!r}")
             exemplars = [ex["prompt"] for ex in cards[name]["exemplars"]]
@@ -260,7 +260,7 @@ def synthesize_all(skills: SkillsParams, syn: SynthesizeParams, out_dir: str | P
             teacher_reports.append(report)
 
     summary: dict = {"source": syn.source, "skills": {}, "overlap_total": 0}
-    for name in tqdm(skills.train, desc="skill datasets"):
+    for name in tqdm(skills.train, desc="skill datasets", disable=not progress):
         ds = skill_splits(name, skills, syn, teacher_prompts.get(name))
         save(ds, out / "skills" / name)
         ov = overlap(ds)

@@ -18,3 +18,18 @@ def write_json(path: str | Path, obj: Any) -> Path:
 
 def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
+
+
+def quiet_notebook() -> None:
+    """Keep executed notebooks readable: no per-batch progress bars or known library
+    deprecation chatter in the report (the terminal keeps its progress bars)."""
+    import warnings
+
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", message=r".*is deprecated and will be removed in v6.*", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r"IProgress not found.*")
