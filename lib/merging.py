@@ -1,0 +1,498 @@
+"""Merging LoRA experts in weight-update space: exact task vectors, merge methods, refactoring.
+
+Two spaces are easy to confuse (issue 4). This module works in the **weight-update space**:
+every expert's exact update ``ΔW_i = scaling_i · B_i @ A_i`` per target module (the matrix
+peft adds to the base weight on ``merge_and_unload``) is combined entry-wise, and the result
+is added to the base weights, or re-factored to a LoRA of a chosen rank by truncated SVD.
+peft's ``add_weighted_adapter`` works in the *adapter space* instead (for its non-SVD
+types it combines the A and B factors separately, which adds cross terms); the notebook
+compares the two with :func:`relative_frobenius_distance`.
+
+What is peft's and what is hand-written
+---------------------------------------
+* ``ΔW`` comes from peft's own ``LoraLayer.get_delta_weight(adapter)`` (so it is exactly what
+  peft applies, including ``rslora`` scaling and ``fan_in_fan_out`` layouts).
+* The tensor formulas call ``peft.utils.merge_utils``: ``task_arithmetic`` (linear,
+  task_arithmetic), ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune`` and, for
+  breadcrumbs' final sum, ``task_arithmetic`` again.
+* Hand-written, because peft lacks them: the Model Breadcrumbs mask, input checks
+  (empty list, shapes, weights, density range), the ``density = 0`` guard for DARE (peft
+  divides by the density: ``0 / 0 = NaN``), seeding of DARE's random drop, the loop over
+  modules, applying a merge to a copy of the base model, SVD re-factoring, and the distance.
+
+Conventions
+-----------
+* Trimming (TIES, magnitude pruning, breadcrumbs) is per tensor, i.e. per module and per
+  expert, as in peft and mergekit; the TIES paper trims the whole flattened task vector.
+* ``density`` is the fraction of entries kept, in [0, 1]; ``k = floor(density · numel)``
+  (peft's ``int(density * numel)``).
+* ``weights`` default to 1 for every expert. ``linear`` normalises them to sum to 1; every
+  other method uses them as given (peft's semantics), so pass weights summing to 1 to
+  average rather than add.
+* Deltas are float32 on the device of the adapter weights; merges return the promoted dtype.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+import warnings
+from pathlib import Path
+from typing import Callable, Literal, Mapping, Sequence
+
+import torch
+from peft.utils import merge_utils as mu
+
+Tensor = torch.Tensor
+TaskVectors = dict[str, dict[str, Tensor]]  # adapter name -> module name -> ΔW
+
+SignMethod = Literal["total", "frequency"]
+SIGN_METHODS = ("total", "frequency")
+
+
+class MergeError(ValueError):
+    """Inputs a merge cannot use (no experts, mismatched shapes, bad density...); the message says which."""
+
+
+# --------------------------------------------------------------------------------------
+# Exact task vectors
+# --------------------------------------------------------------------------------------
+
+def _lora_layers(peft_model):
+    from peft.tuners.lora import LoraLayer
+
+    inner = peft_model.base_model.model  # the transformers model; names match the base model's
+    for name, module in inner.named_modules():
+        if isinstance(module, LoraLayer):
+            yield name, module
+
+
+def task_vectors(model, adapters: Sequence[str] | Mapping[str, str | Path] | None = None) -> TaskVectors:
+    """Exact per-module updates ``{adapter: {module_name: ΔW}}`` with ``ΔW = scaling · B @ A``.
+
+    Two ways to call it:
+
+    * ``task_vectors(peft_model, ["math", "logic"])`` (or ``None`` for every LoRA adapter the
+      model holds);
+    * ``task_vectors(base_model, {"math": dir1, "logic": dir2})``: each adapter directory is
+      loaded with ``PeftModel.from_pretrained`` onto a deep copy, so ``base_model`` is untouched.
+
+    ``ΔW`` is peft's ``layer.get_delta_weight(adapter)``, in the weight's own layout (so it
+    can be added to ``module.weight``), detached and cast to float32. Module names are those
+    of the base (transformers) model, e.g. ``model.layers.0.self_attn.q_proj``, so the result
+    feeds :func:`apply_merged` directly. Experts may have different ranks and alphas; their
+    ``ΔW`` for one module always have the module's weight shape.
+
+    Refused with ``ValueError``: non-LoRA adapters, LoRA variants (DoRA and others, whose
+    merged update is not ``scaling · B @ A``), ``lora_bias`` and ``modules_to_save`` (parts
+    of the update that are not a ``ΔW`` of a target weight).
+    """
+    from peft import LoraConfig, PeftModel
+
+    if not isinstance(model, PeftModel):
+        if not isinstance(adapters, Mapping) or not adapters:
+            raise MergeError("task_vectors(base_model, ...) needs a non-empty dict {adapter name: adapter directory}; "
+                             "or pass a PeftModel that already holds the adapters")
+        peft_model = None
+        for name, path in adapters.items():
+            if not (Path(path) / "adapter_config.json").exists():
+                raise MergeError(f"{path}: no adapter here (adapter_config.json missing) for expert {name!r}")
+            if peft_model is None:
+                peft_model = PeftModel.from_pretrained(copy.deepcopy(model), str(path), adapter_name=name)
+            else:
+                peft_model.load_adapter(str(path), adapter_name=name)
+        return task_vectors(peft_model, list(adapters))
+
+    known = list(model.peft_config)
+    names = known if adapters is None else list(adapters)
+    missing = [n for n in names if n not in model.peft_config]
+    if missing:
+        raise KeyError(f"adapter(s) {missing} not in this model; it holds: {', '.join(known)}")
+    layers = list(_lora_layers(model))
+    out: TaskVectors = {}
+    for adapter in names:
+        cfg = model.peft_config[adapter]
+        if not isinstance(cfg, LoraConfig):
+            raise MergeError(f"adapter {adapter!r} is a {type(cfg).__name__}, not a LoRA: no B @ A update to merge")
+        if getattr(cfg, "modules_to_save", None):
+            raise MergeError(f"adapter {adapter!r} also trains modules_to_save={cfg.modules_to_save}: "
+                             "those full-weight copies are not LoRA updates and are not handled here")
+        deltas = {}
+        for mod_name, layer in layers:
+            if adapter not in layer.scaling:
+                continue
+            if adapter in getattr(layer, "lora_variant", {}) or getattr(layer, "use_dora", {}).get(adapter, False):
+                raise MergeError(f"adapter {adapter!r} at {mod_name} is a LoRA variant (e.g. DoRA): "
+                                 "its merged update is not scaling · B @ A")
+            if getattr(layer, "lora_bias", {}).get(adapter, False):
+                raise MergeError(f"adapter {adapter!r} at {mod_name} trains a LoRA bias; only weight updates are merged")
+            with torch.no_grad():
+                deltas[mod_name] = layer.get_delta_weight(adapter).detach().to(torch.float32)
+        if not deltas:
+            raise MergeError(f"adapter {adapter!r} has no LoRA layer in this model")
+        out[adapter] = deltas
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Input checks shared by the methods
+# --------------------------------------------------------------------------------------
+
+def _check(deltas: Sequence[Tensor], weights, method: str) -> tuple[list[Tensor], Tensor]:
+    """Validated list of same-shape tensors (promoted to one dtype) and a weights tensor."""
+    deltas = list(deltas)
+    if not deltas:
+        raise MergeError(f"{method}: no task vectors to merge (empty list); give at least one expert's ΔW")
+    shapes = [tuple(d.shape) for d in deltas]
+    if len(set(shapes)) > 1:
+        raise MergeError(f"{method}: task vectors must all have one shape; got shapes {shapes}")
+    devices = {d.device for d in deltas}
+    if len(devices) > 1:
+        raise MergeError(f"{method}: task vectors are on different devices {sorted(map(str, devices))}")
+    dtype = deltas[0].dtype
+    for d in deltas[1:]:
+        dtype = torch.promote_types(dtype, d.dtype)
+    if not dtype.is_floating_point:
+        dtype = torch.float32
+    deltas = [d.to(dtype) for d in deltas]
+    if weights is None:
+        w = torch.ones(len(deltas), dtype=dtype, device=deltas[0].device)
+    else:
+        w = torch.as_tensor(weights, dtype=dtype, device=deltas[0].device).reshape(-1)
+        if w.numel() != len(deltas):
+            raise MergeError(f"{method}: {w.numel()} weights for {len(deltas)} task vectors")
+        if not torch.isfinite(w).all():
+            raise MergeError(f"{method}: weights must be finite, got {w.tolist()}")
+    return deltas, w
+
+
+def _check_density(density: float, method: str) -> float:
+    if density is None or not (0.0 <= float(density) <= 1.0) or math.isnan(float(density)):
+        raise MergeError(f"{method}: density is the fraction of entries kept and must be in [0, 1], got {density!r}")
+    return float(density)
+
+
+def _check_sign_method(m: str, method: str) -> str:
+    if m not in SIGN_METHODS:
+        raise MergeError(f"{method}: majority_sign_method must be one of {SIGN_METHODS}, got {m!r}")
+    return m
+
+
+def _n_kept(fraction: float, n: int) -> int:
+    """floor(fraction · n), forgiving float noise such as 0.29 · 100 = 28.999999999999996
+    (peft's ``int(density * numel)`` keeps 28 there; only breadcrumbs uses this rounding)."""
+    return min(n, int(math.floor(fraction * n + 1e-9)))
+
+
+class _quiet_full_density(warnings.catch_warnings):
+    """peft's ``prune`` warns once per tensor when density >= 1 (no pruning); density 1 is legal here."""
+
+    def __enter__(self):
+        out = super().__enter__()
+        warnings.filterwarnings("ignore", message=r"The density .* greater than or equal to 1")
+        return out
+
+
+# --------------------------------------------------------------------------------------
+# Merge methods: one small function each, over a list of ΔW (one per expert, same shape)
+# --------------------------------------------------------------------------------------
+
+def linear(deltas: Sequence[Tensor], weights=None) -> Tensor:
+    """Weighted average ``Σ_i w_i ΔW_i / Σ_i w_i`` (equal weights: the plain mean).
+
+    peft's ``merge_utils.task_arithmetic`` with the normalised weights. Note that peft's
+    ``add_weighted_adapter(combination_type="linear")`` does *not* normalise the weights.
+    """
+    deltas, w = _check(deltas, weights, "linear")
+    total = w.sum()
+    if total == 0:
+        raise MergeError(f"linear: weights sum to 0 ({w.tolist()}); a weighted average is undefined")
+    return mu.task_arithmetic(deltas, w / total)
+
+
+def task_arithmetic(deltas: Sequence[Tensor], weights=None, *, lam: float = 1.0) -> Tensor:
+    """Task arithmetic (Ilharco et al. 2023, "Editing models with task arithmetic"):
+    ``λ · Σ_i w_i ΔW_i`` (weights default to 1). peft's ``merge_utils.task_arithmetic``."""
+    deltas, w = _check(deltas, weights, "task_arithmetic")
+    return mu.task_arithmetic(deltas, w * float(lam))
+
+
+def ties(deltas: Sequence[Tensor], weights=None, *, density: float,
+         majority_sign_method: SignMethod = "total") -> Tensor:
+    """TIES-Merging (Yadav et al. 2023, "TIES-Merging: Resolving interference when merging models").
+
+    1. Trim: keep each ΔW_i's top ``density`` fraction of entries by magnitude (``τ̂_i``).
+    2. Elect sign per entry: ``γ = sgn(Σ_i τ̂_i)`` (``"total"``, the paper's rule) or the sign
+       held by more experts (``"frequency"``); a tie (sum 0) elects ``+``.
+    3. Disjoint mean per entry over the experts whose trimmed entry has sign ``γ``:
+       ``Σ_{i: sgn τ̂_i = γ} w_i τ̂_i / |{i: sgn τ̂_i = γ}|``; zero agreeing experts gives 0
+       (trimmed zeros have sign 0 and never agree).
+
+    All three steps are peft's ``merge_utils.ties`` (prune, calculate_majority_sign_mask,
+    disjoint_merge). In peft the sign is elected from the *unweighted* trimmed tensors, and
+    the weights scale the values inside the disjoint mean (the paper's λ is a common weight).
+    ``density = 0`` trims everything and gives a zero update; one expert gives its trimmed self.
+    """
+    deltas, w = _check(deltas, weights, "ties")
+    density = _check_density(density, "ties")
+    with _quiet_full_density():
+        return mu.ties(deltas, w, density, _check_sign_method(majority_sign_method, "ties"))
+
+
+def _dare_zero(deltas: list[Tensor]) -> Tensor:
+    return torch.zeros_like(deltas[0])
+
+
+def dare_linear(deltas: Sequence[Tensor], weights=None, *, density: float) -> Tensor:
+    """DARE (Yu et al. 2023, "Language models are Super Mario"), then a weighted sum.
+
+    Drop: each entry of each ΔW_i is kept with probability ``density = 1 - p`` (Bernoulli) and
+    the kept ones are rescaled by ``1 / (1 - p)``, so ``E[DARE(ΔW)] = ΔW``. Then
+    ``Σ_i w_i DARE(ΔW_i)``. peft's ``merge_utils.dare_linear`` (``random_pruning`` draws from
+    torch's global RNG: seed it, or use :func:`merge_task_vectors` with ``seed``).
+    Hand-written guard: ``density = 0`` drops everything and returns zeros (peft would
+    compute ``0 / 0 = NaN``).
+    """
+    deltas, w = _check(deltas, weights, "dare_linear")
+    density = _check_density(density, "dare_linear")
+    if density == 0:
+        return _dare_zero(deltas)
+    with _quiet_full_density():
+        return mu.dare_linear(deltas, w, density)
+
+
+def dare_ties(deltas: Sequence[Tensor], weights=None, *, density: float,
+              majority_sign_method: SignMethod = "total") -> Tensor:
+    """DARE's random drop and ``1 / (1 - p)`` rescale (Yu et al. 2023) in place of TIES' trim,
+    then TIES' sign election and disjoint mean (Yadav et al. 2023). peft's
+    ``merge_utils.dare_ties``; ``density = 0`` returns zeros (hand-written guard, peft gives NaN)."""
+    deltas, w = _check(deltas, weights, "dare_ties")
+    density = _check_density(density, "dare_ties")
+    if density == 0:
+        return _dare_zero(deltas)
+    with _quiet_full_density():
+        return mu.dare_ties(deltas, w, density, _check_sign_method(majority_sign_method, "dare_ties"))
+
+
+def magnitude_prune(deltas: Sequence[Tensor], weights=None, *, density: float) -> Tensor:
+    """Keep each ΔW_i's top ``density`` fraction by magnitude (TIES' trim step alone, no sign
+    election), then ``Σ_i w_i prune(ΔW_i)``. peft's ``merge_utils.magnitude_prune``."""
+    deltas, w = _check(deltas, weights, "magnitude_prune")
+    density = _check_density(density, "magnitude_prune")
+    with _quiet_full_density():
+        return mu.magnitude_prune(deltas, w, density)
+
+
+def breadcrumbs_mask(delta: Tensor, *, density: float, beta: float) -> Tensor:
+    """Boolean mask of Model Breadcrumbs (Davari & Belilovsky 2023, "Model Breadcrumbs: scaling
+    multi-task model merging with sparse masks"): rank the entries by magnitude, drop the
+    largest ``floor(beta · n)`` (outliers) and keep the next ``floor(density · n)``, so the
+    smallest ``n - top - kept`` are dropped too. Equal magnitudes are ranked by position.
+    Hand-written (peft has no breadcrumbs); needs ``beta + density <= 1``."""
+    density = _check_density(density, "breadcrumbs")
+    if beta is None or not (0.0 <= float(beta) <= 1.0):
+        raise MergeError(f"breadcrumbs: beta is the fraction of largest entries dropped and must be in [0, 1], got {beta!r}")
+    if float(beta) + density > 1.0 + 1e-9:
+        raise MergeError(f"breadcrumbs: beta + density must be <= 1 (drop the top beta, keep the next density); "
+                         f"got beta={beta}, density={density}")
+    flat = delta.reshape(-1)
+    n = flat.numel()
+    n_top, n_keep = _n_kept(float(beta), n), _n_kept(density, n)
+    n_keep = min(n_keep, n - n_top)
+    order = torch.sort(flat.abs(), descending=True, stable=True).indices
+    mask = torch.zeros(n, dtype=torch.bool, device=delta.device)
+    mask[order[n_top:n_top + n_keep]] = True
+    return mask.reshape(delta.shape)
+
+
+def breadcrumbs(deltas: Sequence[Tensor], weights=None, *, density: float, beta: float) -> Tensor:
+    """Model Breadcrumbs (Davari & Belilovsky 2023): per expert and module, mask out the largest
+    ``beta`` fraction by magnitude and the smallest so that ``density`` remain
+    (:func:`breadcrumbs_mask`, hand-written), then ``Σ_i w_i (m_i ⊙ ΔW_i)`` (peft's
+    ``merge_utils.task_arithmetic``; the paper's α is a common weight)."""
+    deltas, w = _check(deltas, weights, "breadcrumbs")
+    masked = [d * breadcrumbs_mask(d, density=density, beta=beta) for d in deltas]
+    return mu.task_arithmetic(masked, w)
+
+
+MERGE_METHODS: dict[str, Callable[..., Tensor]] = {
+    "linear": linear,
+    "task_arithmetic": task_arithmetic,
+    "ties": ties,
+    "dare_linear": dare_linear,
+    "dare_ties": dare_ties,
+    "magnitude_prune": magnitude_prune,
+    "breadcrumbs": breadcrumbs,
+}
+
+RANDOM_METHODS = frozenset({"dare_linear", "dare_ties"})
+
+
+def get_merge_method(name: str) -> Callable[..., Tensor]:
+    try:
+        return MERGE_METHODS[name]
+    except KeyError:
+        raise KeyError(f"unknown merge method {name!r}; known merge methods: {', '.join(sorted(MERGE_METHODS))}") from None
+
+
+def method_params(name: str) -> dict[str, object]:
+    """Keyword parameters of a merge method -> default (``inspect.Parameter.empty`` if required)."""
+    sig = inspect.signature(get_merge_method(name))
+    return {p.name: p.default for p in sig.parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
+def merge_task_vectors(tvs: Mapping[str, Mapping[str, Tensor]], method: str,
+                       weights: Sequence[float] | Mapping[str, float] | None = None,
+                       seed: int | None = None, **params) -> dict[str, Tensor]:
+    """Merge experts module by module: ``{module: method([ΔW_expert...], weights, **params)}``.
+
+    ``tvs`` is :func:`task_vectors`' output (expert order is the dict's order); ``weights`` a
+    list in that order or a dict by expert name. A module one expert does not adapt counts
+    as a zero update for that expert. ``params`` are checked against the method's keyword
+    parameters (unknown or missing ones are an error naming the allowed ones). For the
+    random methods, ``seed`` seeds torch's RNG once for the whole merge (modules visited in
+    sorted order), inside ``torch.random.fork_rng`` so the caller's RNG state is unchanged.
+    """
+    fn = get_merge_method(method)
+    allowed = method_params(method)
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise MergeError(f"{method}: unknown parameter(s) {unknown}; it takes: {sorted(allowed) or 'none'}")
+    required = [k for k, v in allowed.items() if v is inspect.Parameter.empty and k not in params]
+    if required:
+        raise MergeError(f"{method}: missing parameter(s) {required}")
+    experts = list(tvs)
+    if not experts:
+        raise MergeError(f"{method}: no experts to merge")
+    if isinstance(weights, Mapping):
+        missing = [e for e in experts if e not in weights]
+        extra = [k for k in weights if k not in tvs]
+        if missing or extra:
+            raise MergeError(f"{method}: weights must name exactly the experts {experts}; "
+                             f"missing {missing}, unknown {extra}")
+        weights = [weights[e] for e in experts]
+    modules = sorted({m for e in experts for m in tvs[e]})
+    devices = sorted({t.device.index for e in experts for t in tvs[e].values() if t.device.type == "cuda"})
+
+    def run() -> dict[str, Tensor]:
+        out = {}
+        for m in modules:
+            ref = next(tvs[e][m] for e in experts if m in tvs[e])
+            deltas = [tvs[e][m] if m in tvs[e] else torch.zeros_like(ref) for e in experts]
+            try:
+                out[m] = fn(deltas, weights, **params)
+            except MergeError as err:
+                raise MergeError(f"module {m}: {err}") from None
+        return out
+
+    if seed is None or method not in RANDOM_METHODS:
+        return run()
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        return run()
+
+
+# --------------------------------------------------------------------------------------
+# Using a merge: add it to a copy of the base, or re-factor it to a LoRA
+# --------------------------------------------------------------------------------------
+
+def apply_merged(base_model, merged: Mapping[str, Tensor], scale: float = 1.0):
+    """A deep copy of ``base_model`` with ``W ← W + scale · ΔW`` for every ``{module_name: ΔW}``.
+
+    Module names are the base model's (as :func:`task_vectors` returns them). The original
+    model is not modified. An unknown module or a shape mismatch is an error naming it.
+    Caveat: if a merged module's weight is tied to another (e.g. ``lm_head`` and the input
+    embeddings), both change, exactly as they would with peft's ``merge_and_unload``.
+    """
+    model = copy.deepcopy(base_model)
+    for name, delta in merged.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise MergeError(f"apply_merged: the base model has no module {name!r}") from None
+        weight = getattr(module, "weight", None)
+        if weight is None:
+            raise MergeError(f"apply_merged: module {name!r} has no weight")
+        if tuple(weight.shape) != tuple(delta.shape):
+            raise MergeError(f"apply_merged: ΔW for {name!r} has shape {tuple(delta.shape)}, "
+                             f"its weight has shape {tuple(weight.shape)}")
+        with torch.no_grad():
+            weight.add_(delta.to(device=weight.device, dtype=torch.float32).mul(scale).to(weight.dtype))
+    return model
+
+
+def refactor_to_lora(delta: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """``(B, A)`` with ``B @ A`` the best rank-``rank`` approximation of ``delta`` in Frobenius
+    norm (Eckart–Young), by truncated SVD (``torch.linalg.svd``). The singular values are
+    split evenly: ``B = U_r √S_r`` (out × r), ``A = √S_r V_rᵀ`` (r × in). ``rank`` above
+    ``min(out, in)`` is capped there. The error is ``sqrt(Σ_{j>r} σ_j²)``. Hand-written."""
+    if delta.dim() != 2:
+        raise MergeError(f"refactor_to_lora: needs a 2-D ΔW, got shape {tuple(delta.shape)}")
+    if int(rank) < 1:
+        raise MergeError(f"refactor_to_lora: rank must be >= 1, got {rank}")
+    r = min(int(rank), *delta.shape)
+    u, s, vh = torch.linalg.svd(delta.to(torch.float32), full_matrices=False)
+    root = s[:r].sqrt()
+    return u[:, :r] * root, root[:, None] * vh[:r]
+
+
+def merged_lora_model(base_model, merged: Mapping[str, Tensor], rank: int, adapter_name: str = "merged"):
+    """A peft model (on a deep copy of ``base_model``) whose one LoRA adapter of rank ``rank``
+    holds :func:`refactor_to_lora` of each merged ΔW (``lora_alpha = rank``, so scaling is 1).
+    Ready for ``save_pretrained``. Only ``nn.Linear`` targets (no ``fan_in_fan_out`` layouts)."""
+    from peft import LoraConfig, get_peft_model
+
+    rank = int(rank)
+    if rank < 1:
+        raise MergeError(f"merged_lora_model: rank must be >= 1, got {rank}")
+    for name in merged:
+        try:
+            mod = base_model.get_submodule(name)
+        except AttributeError:
+            raise MergeError(f"merged_lora_model: the base model has no module {name!r}") from None
+        if not isinstance(mod, torch.nn.Linear):
+            raise MergeError(f"merged_lora_model: {name!r} is a {type(mod).__name__}; only nn.Linear targets are supported")
+    cfg = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=list(merged), bias="none")
+    model = get_peft_model(copy.deepcopy(base_model), cfg, adapter_name=adapter_name)
+    inner = model.base_model.model
+    with torch.no_grad():
+        for name, delta in merged.items():
+            layer = inner.get_submodule(name)
+            b, a = refactor_to_lora(delta, rank)
+            wa, wb = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+            wa.zero_()
+            wb.zero_()
+            wa[: a.shape[0]] = a.to(wa)
+            wb[:, : b.shape[1]] = b.to(wb)
+    return model
+
+
+def relative_frobenius_distance(a: Tensor | Mapping[str, Tensor], b: Tensor | Mapping[str, Tensor]) -> float:
+    """``||a - b||_F / ||b||_F`` (0 when identical). For dicts of per-module tensors, the norms
+    are over all modules together (keys must match). ``b = 0``: 0 if ``a`` is 0 too, else inf."""
+    if isinstance(a, Mapping) or isinstance(b, Mapping):
+        if not (isinstance(a, Mapping) and isinstance(b, Mapping)):
+            raise MergeError("relative_frobenius_distance: give two tensors or two dicts of tensors, not one of each")
+        if set(a) != set(b):
+            raise MergeError("relative_frobenius_distance: the dicts must cover the same modules; "
+                             f"only in one of them: {sorted(set(a) ^ set(b))}")
+        pairs = [(a[k], b[k]) for k in a]
+    else:
+        pairs = [(a, b)]
+    num = den = 0.0
+    for x, y in pairs:
+        if tuple(x.shape) != tuple(y.shape):
+            raise MergeError(f"relative_frobenius_distance: shapes differ, {tuple(x.shape)} vs {tuple(y.shape)}")
+        x64, y64 = x.detach().to(torch.float64), y.detach().to(torch.float64).to(x.device)
+        num += float(((x64 - y64) ** 2).sum())
+        den += float((y64 ** 2).sum())
+    if den == 0.0:
+        return 0.0 if num == 0.0 else math.inf
+    return math.sqrt(num) / math.sqrt(den)
+
+
+__all__ = [
+    "MERGE_METHODS", "MergeError", "RANDOM_METHODS", "apply_merged", "breadcrumbs", "breadcrumbs_mask", "dare_linear",
+    "dare_ties", "get_merge_method", "linear", "magnitude_prune", "merge_task_vectors", "merged_lora_model",
+    "method_params", "refactor_to_lora", "relative_frobenius_distance", "task_arithmetic", "task_vectors", "ties",
+]

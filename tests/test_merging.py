@@ -1,0 +1,340 @@
+"""Formula tests for lib.merging: each merge method against its paper's formula, worked by hand
+on small tensors, plus exact task vectors on a tiny peft-wrapped Llama (no downloads)."""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from lib import merging as M
+
+T = torch.tensor
+
+
+def close(a, b, **kw):
+    torch.testing.assert_close(a, torch.as_tensor(b, dtype=a.dtype), **kw)
+
+
+# ---------------------------------------------------------------- linear, task arithmetic
+
+def test_linear_is_weighted_average():
+    a, b, c = T([1.0, -2.0, 4.0]), T([3.0, 0.0, -2.0]), T([0.5, 1.0, 1.0])
+    close(M.linear([a, b, c]), (a + b + c) / 3)
+    close(M.linear([a, b, c], [1.0, 2.0, 1.0]), (1 * a + 2 * b + 1 * c) / 4)
+    with pytest.raises(ValueError, match="sum to 0"):
+        M.linear([a, b], [1.0, -1.0])
+
+
+def test_task_arithmetic_is_lambda_times_sum():
+    a, b = T([[1.0, -2.0], [0.0, 3.0]]), T([[0.5, 0.5], [-1.0, 2.0]])
+    close(M.task_arithmetic([a, b], lam=0.3), 0.3 * (a + b))
+    close(M.task_arithmetic([a, b], [2.0, -1.0], lam=0.5), 0.5 * (2 * a - b))
+    close(M.task_arithmetic([a, b]), a + b)
+
+
+# ---------------------------------------------------------------- TIES
+
+T1, T2 = T([3.0, -1.0, 0.5, 2.0]), T([-2.0, -4.0, 1.0, 1.0])
+
+
+def test_ties_two_tasks_by_hand():
+    # density 0.5 of 4 entries: keep the top 2 magnitudes of each task.
+    # trimmed t1 = [3, 0, 0, 2], trimmed t2 = [-2, -4, 0, 0]
+    # sum = [1, -4, 0, 2] -> elected sign [+, -, + (tie), +]
+    # agreeing: e0 {t1: 3}, e1 {t2: -4}, e2 {} -> 0, e3 {t1: 2}
+    close(M.ties([T1, T2], density=0.5), [3.0, -4.0, 0.0, 2.0])
+
+
+def test_ties_three_tasks_disjoint_mean_by_hand():
+    t3 = T([1.0, -3.0, 0.2, 4.0])  # trimmed [0, -3, 0, 4]
+    # sum of trimmed = [3-2+0, 0-4-3, 0, 2+0+4] = [1, -7, 0, 6] -> signs [+, -, +, +]
+    # e0: only t1 (3) agrees -> 3 ; e1: t2 (-4), t3 (-3) -> mean -3.5
+    # e2: nobody -> 0 ; e3: t1 (2), t3 (4) -> mean 3   (a plain sum would give 6)
+    close(M.ties([T1, T2, t3], density=0.5), [3.0, -3.5, 0.0, 3.0])
+
+
+def test_ties_sign_election_total_vs_frequency():
+    tasks = [T([1.0]), T([1.0]), T([-5.0])]
+    close(M.ties(tasks, density=1.0), [-5.0])  # default: the paper's rule, sign of the sum
+    close(M.ties(tasks, density=1.0, majority_sign_method="total"), [-5.0])  # sum -3 -> minus
+    close(M.ties(tasks, density=1.0, majority_sign_method="frequency"), [1.0])  # 2 of 3 plus -> mean(1, 1)
+    with pytest.raises(ValueError, match="majority_sign_method"):
+        M.ties(tasks, density=1.0, majority_sign_method="vote")
+
+
+def test_ties_weights_scale_values_not_the_election():
+    # peft semantics: sign from unweighted trimmed tensors; weights scale inside the disjoint mean.
+    tasks = [T([2.0]), T([-1.0])]
+    # unweighted sum +1 -> '+'; only task 1 agrees -> 0.25 * 2 = 0.5 (weighted election would pick '-')
+    close(M.ties(tasks, [0.25, 10.0], density=1.0), [0.5])
+
+
+def test_ties_single_expert_is_its_trimmed_self():
+    close(M.ties([T1], density=0.5), [3.0, 0.0, 0.0, 2.0])
+    close(M.ties([T1], density=1.0), T1)
+
+
+# ---------------------------------------------------------------- DARE
+
+def test_dare_kept_entries_rescaled_by_one_over_one_minus_p():
+    x = torch.arange(1.0, 41.0)
+    p = 0.3
+    torch.manual_seed(0)
+    out = M.dare_linear([x], density=1 - p)
+    kept = out != 0
+    assert 0 < int(kept.sum()) < x.numel()  # some dropped, some kept
+    close(out[kept], x[kept] / (1 - p))
+    assert torch.equal(out[~kept], torch.zeros(int((~kept).sum())))
+    # the same seed draws the same mask; DARE-TIES of one expert is that same dropped tensor
+    torch.manual_seed(0)
+    close(M.dare_ties([x], density=1 - p), out)
+
+
+def test_dare_preserves_the_mean_in_expectation():
+    x = T([1.0, -2.0, 3.0, -4.0, 0.5, 2.5])
+    p = 0.5
+    n = 2000
+    acc = torch.zeros_like(x)
+    for seed in range(n):
+        torch.manual_seed(seed)
+        acc += M.dare_linear([x], density=1 - p)
+    mean = acc / n
+    # per-entry std of the average: |x| sqrt(p/(1-p)) / sqrt(n) ~ 0.022 |x|; without the 1/(1-p)
+    # rescale the mean would be (1-p) x = 0.5 x.
+    close(mean, x, rtol=0.1, atol=0.0)
+
+
+def test_merge_task_vectors_seed_is_reproducible_and_leaves_rng_alone():
+    tvs = {"a": {"m": torch.randn(8, 8)}, "b": {"m": torch.randn(8, 8)}}
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    r1 = M.merge_task_vectors(tvs, "dare_ties", seed=7, density=0.5)
+    r2 = M.merge_task_vectors(tvs, "dare_ties", seed=7, density=0.5)
+    r3 = M.merge_task_vectors(tvs, "dare_ties", seed=8, density=0.5)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert torch.equal(r1["m"], r2["m"]) and not torch.equal(r1["m"], r3["m"])
+
+
+# ---------------------------------------------------------------- magnitude pruning, breadcrumbs
+
+def test_magnitude_prune_keeps_top_density_fraction():
+    a = T([[0.1, -8.0, 0.3, 5.0], [-0.2, 0.4, -6.0, 0.05]])  # top 3 of 8 by |.|: -8, -6, 5
+    b = T([[1.0, 0.0, -2.0, 0.5], [3.0, -0.1, 0.2, 0.3]])  # top 3: 3, -2, 1
+    pa = T([[0.0, -8.0, 0.0, 5.0], [0.0, 0.0, -6.0, 0.0]])
+    pb = T([[1.0, 0.0, -2.0, 0.0], [3.0, 0.0, 0.0, 0.0]])
+    close(M.magnitude_prune([a], density=3 / 8), pa)
+    close(M.magnitude_prune([a, b], [0.5, 2.0], density=3 / 8), 0.5 * pa + 2.0 * pb)
+
+
+def test_breadcrumbs_mask_drops_largest_beta_and_smallest():
+    x = T([0.5, -9.0, 3.0, -0.1, 7.0, 2.0, -4.0, 0.3, 6.0, -1.0])
+    # by magnitude: 9 (i1) > 7 (i4) > 6 (i8) > 4 (i6) > 3 (i2) > 2 (i5) > 1 (i9) > .5 (i0) > .3 (i7) > .1 (i3)
+    # beta 0.1 drops i1 (the outlier); density 0.5 keeps the next five; the smallest four go.
+    mask = M.breadcrumbs_mask(x, density=0.5, beta=0.1)
+    assert torch.nonzero(mask).flatten().tolist() == [2, 4, 5, 6, 8]
+    y = -x.flip(0)
+    keep = x * mask
+    close(M.breadcrumbs([x], density=0.5, beta=0.1), keep)
+    close(M.breadcrumbs([x, y], [1.0, 0.5], density=0.5, beta=0.1), keep + 0.5 * y * M.breadcrumbs_mask(y, density=0.5, beta=0.1))
+    with pytest.raises(ValueError, match="beta \\+ density"):
+        M.breadcrumbs([x], density=0.95, beta=0.1)
+    # beta 0 is magnitude pruning
+    close(M.breadcrumbs([x], density=0.3, beta=0.0), M.magnitude_prune([x], density=0.3))
+
+
+# ---------------------------------------------------------------- edge cases
+
+DENSITY_METHODS = ["ties", "dare_linear", "dare_ties", "magnitude_prune", "breadcrumbs"]
+
+
+def _params(name, density):
+    return {"density": density, **({"beta": 0.0} if name == "breadcrumbs" else {})}
+
+
+@pytest.mark.parametrize("name", DENSITY_METHODS)
+def test_density_zero_is_a_zero_update_not_nan(name):
+    out = M.get_merge_method(name)([T1, T2], **_params(name, 0.0))
+    assert torch.equal(out, torch.zeros(4))
+
+
+@pytest.mark.parametrize("name", sorted(M.MERGE_METHODS))
+def test_single_expert(name):
+    # at full density every method returns the single expert itself (linear/TA/others with weight 1)
+    params = _params(name, 1.0) if name in DENSITY_METHODS else {}
+    close(M.get_merge_method(name)([T1], **params), T1)
+
+
+@pytest.mark.parametrize("name", sorted(M.MERGE_METHODS))
+def test_experts_of_different_ranks(name):
+    g = torch.Generator().manual_seed(0)
+    d2 = torch.randn(6, 2, generator=g) @ torch.randn(2, 5, generator=g)
+    d4 = torch.randn(6, 4, generator=g) @ torch.randn(4, 5, generator=g)
+    assert torch.linalg.matrix_rank(d2) == 2 and torch.linalg.matrix_rank(d4) == 4
+    params = _params(name, 0.5) if name in DENSITY_METHODS else {}
+    out = M.get_merge_method(name)([d2, d4], **params)
+    assert out.shape == (6, 5) and torch.isfinite(out).all()
+    if name == "linear":
+        close(out, (d2 + d4) / 2)
+
+
+@pytest.mark.parametrize("name", sorted(M.MERGE_METHODS))
+def test_empty_and_mismatched(name):
+    params = _params(name, 0.5) if name in DENSITY_METHODS else {}
+    fn = M.get_merge_method(name)
+    with pytest.raises(ValueError, match="empty list"):
+        fn([], **params)
+    with pytest.raises(ValueError, match=r"\(2, 3\).*\(3, 2\)"):
+        fn([torch.ones(2, 3), torch.ones(3, 2)], **params)
+    with pytest.raises(ValueError, match="3 weights for 2"):
+        fn([torch.ones(2), torch.ones(2)], [1.0, 1.0, 1.0], **params)
+
+
+@pytest.mark.parametrize("density", [-0.1, 1.5, float("nan")])
+def test_density_out_of_range(density):
+    with pytest.raises(ValueError, match="density"):
+        M.ties([T1], density=density)
+
+
+def test_registry_unknown_name_lists_known():
+    with pytest.raises(KeyError) as e:
+        M.get_merge_method("nope")
+    for name in M.MERGE_METHODS:
+        assert name in str(e.value)
+    assert set(M.MERGE_METHODS) == {"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties",
+                                    "magnitude_prune", "breadcrumbs"}
+
+
+def test_merge_task_vectors_params_and_missing_modules():
+    a, b = T([[1.0, 2.0]]), T([[3.0, -2.0]])
+    tvs = {"x": {"m1": a, "m2": b}, "y": {"m1": b}}
+    out = M.merge_task_vectors(tvs, "linear")
+    close(out["m1"], (a + b) / 2)
+    close(out["m2"], b / 2)  # y does not adapt m2: a zero update
+    out = M.merge_task_vectors(tvs, "task_arithmetic", weights={"y": 2.0, "x": 1.0}, lam=0.5)
+    close(out["m1"], 0.5 * (a + 2 * b))
+    with pytest.raises(ValueError, match="unknown parameter.*density"):
+        M.merge_task_vectors(tvs, "linear", density=0.5)
+    with pytest.raises(ValueError, match="missing parameter.*density"):
+        M.merge_task_vectors(tvs, "ties")
+    with pytest.raises(ValueError, match="unknown \\['z'\\]"):
+        M.merge_task_vectors(tvs, "linear", weights={"x": 1.0, "y": 1.0, "z": 1.0})
+
+
+# ---------------------------------------------------------------- SVD re-factoring, distance
+
+def test_refactor_to_lora_exact_and_optimal():
+    g = torch.Generator().manual_seed(1)
+    delta = torch.randn(7, 3, generator=g) @ torch.randn(3, 5, generator=g)  # rank 3
+    for r in (3, 4, 10):
+        b, a = M.refactor_to_lora(delta, r)
+        assert b.shape[0] == 7 and a.shape[1] == 5 and b.shape[1] == a.shape[0] == min(r, 5)
+        close(b @ a, delta, atol=1e-5, rtol=1e-5)
+    full = torch.randn(6, 5, generator=g)
+    s = torch.linalg.svdvals(full)
+    for r in (1, 2, 4):
+        b, a = M.refactor_to_lora(full, r)
+        assert b.shape == (6, r) and a.shape == (r, 5)
+        err = torch.linalg.norm(full - b @ a)
+        close(err, torch.sqrt((s[r:] ** 2).sum()), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="rank"):
+        M.refactor_to_lora(full, 0)
+
+
+def test_relative_frobenius_distance():
+    b = T([3.0, 4.0])
+    assert M.relative_frobenius_distance(b.clone(), b) == 0.0
+    assert M.relative_frobenius_distance(T([3.0, 4.5]), b) == pytest.approx(0.1)
+    assert M.relative_frobenius_distance(T([0.0, 0.0]), b) == pytest.approx(1.0)
+    assert M.relative_frobenius_distance(torch.zeros(2), torch.zeros(2)) == 0.0
+    assert M.relative_frobenius_distance(T([1.0, 0.0]), torch.zeros(2)) == math.inf
+    # over dicts: one norm over all modules
+    assert M.relative_frobenius_distance({"p": T([3.0]), "q": T([4.5])}, {"p": T([3.0]), "q": T([4.0])}) == pytest.approx(0.1)
+
+
+# ---------------------------------------------------------------- a tiny peft Llama
+
+@pytest.fixture(scope="module")
+def tiny():
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=2, vocab_size=50, max_position_embeddings=32)
+    base = LlamaForCausalLM(cfg).eval()
+    clean = copy.deepcopy(base)
+    alpha = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    beta = LoraConfig(r=4, lora_alpha=2, target_modules=["q_proj", "o_proj"], init_lora_weights=False)
+    model = get_peft_model(base, alpha, adapter_name="alpha")
+    model.add_adapter("beta", beta)
+    return clean, model.eval()
+
+
+def test_task_vectors_equal_scaling_b_a(tiny):
+    clean, model = tiny
+    tvs = M.task_vectors(model)
+    assert list(tvs) == ["alpha", "beta"]
+    inner = model.base_model.model
+    expected_modules = {"alpha": {"q_proj", "v_proj"}, "beta": {"q_proj", "o_proj"}}
+    for name, scaling in (("alpha", 4 / 2), ("beta", 2 / 4)):
+        assert {m.rsplit(".", 1)[1] for m in tvs[name]} == expected_modules[name]
+        for mod, delta in tvs[name].items():
+            layer = inner.get_submodule(mod)
+            by_hand = scaling * layer.lora_B[name].weight @ layer.lora_A[name].weight
+            close(delta, by_hand.detach())
+            assert delta.shape == clean.get_submodule(mod).weight.shape
+            assert delta.abs().sum() > 0
+    # different ranks, same outer shape: they merge
+    q = "model.layers.0.self_attn.q_proj"
+    assert torch.linalg.matrix_rank(tvs["alpha"][q]) == 2 and torch.linalg.matrix_rank(tvs["beta"][q]) == 4
+    with pytest.raises(KeyError, match="alpha, beta"):
+        M.task_vectors(model, ["gamma"])
+
+
+def test_task_vectors_from_adapter_dirs(tiny, tmp_path):
+    clean, model = tiny
+    model.save_pretrained(str(tmp_path))
+    before = {k: v.clone() for k, v in clean.state_dict().items()}
+    tvs = M.task_vectors(clean, {"alpha": tmp_path / "alpha", "beta": tmp_path / "beta"})
+    ref = M.task_vectors(model)
+    for name in ref:
+        assert set(tvs[name]) == set(ref[name])
+        for mod in ref[name]:
+            close(tvs[name][mod], ref[name][mod])
+    assert all(torch.equal(v, before[k]) for k, v in clean.state_dict().items())  # base untouched
+    with pytest.raises(ValueError, match="adapter_config.json"):
+        M.task_vectors(clean, {"alpha": tmp_path / "nowhere"})
+
+
+def test_apply_merged_linear_of_one_equals_merge_and_unload(tiny):
+    clean, model = tiny
+    tvs = M.task_vectors(model, ["alpha"])
+    merged = M.merge_task_vectors(tvs, "linear")
+    ours = M.apply_merged(clean, merged)
+    peft_merged = copy.deepcopy(model).merge_and_unload(adapter_names=["alpha"])
+    theirs = peft_merged.state_dict()
+    mine = ours.state_dict()
+    assert set(mine) == set(theirs)
+    changed = 0
+    for k in mine:
+        close(mine[k], theirs[k], atol=1e-6, rtol=1e-5)
+        changed += not torch.equal(mine[k], clean.state_dict()[k])
+    assert changed == 2  # q_proj and v_proj weights moved; the base model itself did not
+    with pytest.raises(ValueError, match="shape"):
+        M.apply_merged(clean, {"model.layers.0.self_attn.q_proj": torch.zeros(3, 3)})
+    with pytest.raises(ValueError, match="no module"):
+        M.apply_merged(clean, {"model.layers.7.nope": torch.zeros(3, 3)})
+
+
+def test_merged_lora_model_matches_apply_merged(tiny):
+    clean, model = tiny
+    merged = M.merge_task_vectors(M.task_vectors(model), "ties", density=0.5)
+    ids = torch.tensor([[1, 5, 7, 3, 9]])
+    with torch.no_grad():
+        want = M.apply_merged(clean, merged)(ids).logits
+        got = M.merged_lora_model(clean, merged, rank=16)(ids).logits
+        low = M.merged_lora_model(clean, merged, rank=1)(ids).logits
+    close(got, want, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(low, want, atol=1e-5)
