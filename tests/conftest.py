@@ -33,3 +33,15 @@ def make_workdir(dest: Path) -> Path:
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
     return make_workdir(tmp_path / "project")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on a busy 2-core box: one torch thread is faster (thread start-up costs
+    more than it saves on tiny matmuls) and keeps runs reproducible."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

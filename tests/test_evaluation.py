@@ -31,6 +31,8 @@ from lib.evaluation import (
 )
 from lib.tokenization import build_char_tokenizer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # Several skills, answers of different lengths; the mul prompt has the longest answer.
 PROMPTS = [
     "add 12+34 =",
@@ -51,13 +53,6 @@ def rows(prompts=PROMPTS):
 LONGEST = max(rows(), key=lambda r: len(r["answer"]))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: thread start-up costs more than it saves (20 ms vs 3 us per matmul on a busy 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

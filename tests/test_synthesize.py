@@ -339,15 +339,6 @@ def _train_tiny_teacher(path: Path, skill_name: str, steps: int = 200) -> None:
     tok.save_pretrained(path)
 
 
-@pytest.fixture
-def one_thread():
-    """Training a tiny model is faster on one thread than on two contended cores."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_teacher_path_end_to_end(tmp_path, one_thread):

@@ -23,19 +23,14 @@ from lib.config import EvalParams, ExpertsParams, ModelParams, SkillsParams, Syn
 from lib.modeling import ModelLoadError, load_causal_lm
 from lib.tokenization import build_char_tokenizer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = dict(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4, max_len=32, pretrain_steps=5, batch_size=8)
 EXPERT = ExpertsParams(rank=4, alpha=12, target_modules=["q_proj", "v_proj"], steps=5, lr=1e-2, batch_size=4, max_length=32, seed=0)
 SKILLS = SkillsParams(train=["reverse", "upper"], difficulty={"default": 3})
 SYN = SynthesizeParams(n_train=12, n_val=1, n_test=3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices on a busy 2-core box: one thread is faster and keeps runs reproducible."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_llama(tok, hidden: int = 32, seed: int = 0) -> LlamaForCausalLM:
