@@ -34,7 +34,10 @@ case "$cmd" in
   setup) setup ;;
   repro) setup; dvc repro "$@"; dvc metrics show ;;
   test)  setup; python -m pytest "$@" ;;
-  lab)   setup; jupyter lab --notebook-dir=notebooks "$@" ;;
+  lab)   setup
+         # JupyterLab refuses to start as root (containers, CI boxes) unless told it is fine.
+         root_flag=(); [ "$(id -u)" = 0 ] && root_flag=(--allow-root)
+         jupyter lab --notebook-dir=notebooks "${root_flag[@]}" "$@" ;;
   bench) setup; python -m bench "$@" ;;
   *) echo "usage: scripts/run.sh setup|repro|test|lab|bench [args]" >&2; exit 2 ;;
 esac
