@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from .evaluation import BASE_ADAPTER, evaluate
-from .modeling import load_causal_lm, pick_device
+from .modeling import load_on_device
 
 
 class AdapterError(RuntimeError):
@@ -32,8 +32,7 @@ def load_with_adapters(base_dir: str | Path, dirs: dict[str, Path]):
     """(peft model holding every adapter, tokenizer); a missing or mismatched adapter is a clear error."""
     from peft import PeftModel
 
-    device, dtype = pick_device()
-    base, tok = load_causal_lm(base_dir, dtype=dtype)
+    base, tok = load_on_device(base_dir)
     model = None
     for name, path in dirs.items():
         if not (path / "adapter_config.json").exists():
@@ -47,7 +46,7 @@ def load_with_adapters(base_dir: str | Path, dirs: dict[str, Path]):
             raise AdapterError(f"{path}: cannot load adapter {name!r} onto {base_dir} ({type(e).__name__}: {e})") from None
     if model is None:
         raise AdapterError("no adapters to load")
-    return model.to(device).eval(), tok
+    return model.eval(), tok
 
 
 def score_matrix(model, tok, tests, names: list[str], ev, progress: bool = True) -> pd.DataFrame:

@@ -60,3 +60,10 @@ def _explain(name_or_path, what: str, err: Exception) -> str:
         "Give a directory written by save_pretrained with safetensors weights, or a hub id this machine can reach; "
         "set trust_remote_code: true only for a model you trust."
     )
+
+
+def load_on_device(name_or_path: str | Path, trust_remote_code: bool = False):
+    """``load_causal_lm`` in the dtype ``pick_device`` chooses, moved to that device."""
+    device, dtype = pick_device()
+    model, tok = load_causal_lm(name_or_path, trust_remote_code, dtype=dtype)
+    return model.to(device), tok

@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 from datasets import Dataset
 
-from .modeling import pick_device
+from .modeling import load_on_device, pick_device
 
 
 def count_parameters(model, trainable_only: bool = False) -> int:
@@ -92,11 +92,7 @@ def train_lora(base_dir: Path, train: Dataset, e, steps: int, seed: int, out_dir
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    from .modeling import load_causal_lm
-
-    device, dtype = pick_device()
-    model, tok = load_causal_lm(base_dir, dtype=dtype)
-    model.to(device)
+    model, tok = load_on_device(base_dir)
     tok.padding_side = "right"
     lora = LoraConfig(r=e.rank, lora_alpha=e.alpha, lora_dropout=e.dropout, target_modules=list(e.target_modules),
                       task_type="CAUSAL_LM", bias="none")
