@@ -141,6 +141,11 @@ class ExpertsParams(Section):
     weight_decay: float = Field(0.0, ge=0)
     max_length: int = Field(64, ge=8)
     seed: int = 0
+    # Early stopping: stop once the mean of the last `stop_window` logged training losses
+    # (logged every steps/50 steps) is below `stop_loss`; null trains every step. `steps`
+    # is then a cap, and the joint total budget is the steps the experts actually ran.
+    stop_loss: float | None = Field(None, gt=0)
+    stop_window: int = Field(3, ge=1)
 
 
 class EvalParams(Section):
@@ -151,6 +156,96 @@ class EvalParams(Section):
     ece_bins: int = Field(10, ge=2)
 
 
+# Method names, kept here as plain tuples so validating params.yaml never imports torch;
+# tests/test_config.py checks them against the registries in lib/merging.py,
+# lib/adapter_space.py and lib/merge_route.py.
+MERGE_METHOD_NAMES = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune", "breadcrumbs")
+PEFT_COMBINATION_NAMES = ("linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_linear_svd", "dare_ties",
+                          "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd")
+ROUTER_NAMES = ("oracle", "router_top1", "router_soft", "arrow", "arrow_gks", "lorahub", "ensemble")
+
+
+def _known_names(kind: str, names: list[str], known: tuple[str, ...]) -> list[str]:
+    bad = [n for n in names if n not in known]
+    if bad:
+        raise ValueError(f"unknown {kind} {bad}; known: {', '.join(known)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"a {kind} is listed twice: {names}")
+    return names
+
+
+class RouterParams(Section):
+    """The learned task-level router: a classifier on mean-pooled base hidden states."""
+
+    hidden_layer: int = -1
+    hidden: int = Field(0, ge=0, description="0: linear classifier; else one hidden layer of this width")
+    epochs: int = Field(200, ge=1)
+    lr: float = Field(1e-2, gt=0)
+    weight_decay: float = Field(1e-3, ge=0)
+    n_train: int = Field(200, ge=1, description="training prompts per skill")
+    top_k: int = Field(2, ge=1, description="experts mixed per example by router_soft")
+
+
+class ArrowParams(Section):
+    top_k: int = Field(3, ge=1)
+    temperature: float = Field(1.0, gt=0)
+
+
+class LoraHubParams(Section):
+    targets: list[Literal["composed", "heldout"]] = Field(default_factory=lambda: ["composed", "heldout"])
+    n_examples: int = Field(20, ge=1, description="few-shot examples from the target's validation split")
+    budget: int = Field(40, ge=1, description="loss evaluations of the gradient-free search")
+    l1: float = Field(0.05, ge=0)
+
+
+class MergeRouteParams(Section):
+    """Stage 04: merging methods (weight-update space and peft's adapter space) and routers."""
+
+    seed: int = 0
+    merges: list[str] = Field(default_factory=lambda: list(MERGE_METHOD_NAMES))
+    lam_grid: list[float] = Field(default_factory=lambda: [0.1, 0.2, 0.3, 0.5, 0.7, 1.0], min_length=1,
+                                  description="global scale λ of each summed merge, chosen on validation")
+    density: float = Field(0.3, ge=0, le=1, description="fraction of entries kept (TIES, DARE, magnitude, breadcrumbs)")
+    beta: float = Field(0.02, ge=0, le=1, description="breadcrumbs: fraction of largest entries dropped")
+    majority_sign_method: Literal["total", "frequency"] = "total"
+    refactor_rank: int | None = Field(16, ge=1, description="re-factor the best ΔW merge to a LoRA of this rank")
+    peft_merges: list[str] = Field(default_factory=lambda: list(PEFT_COMBINATION_NAMES))
+    svd_rank: int = Field(16, ge=1)
+    routers: list[str] = Field(default_factory=lambda: list(ROUTER_NAMES))
+    router: RouterParams = RouterParams()
+    arrow: ArrowParams = ArrowParams()
+    lorahub: LoraHubParams = LoraHubParams()
+    n_speed: int = Field(256, ge=1, description="test prompts timed for tokens/s")
+
+    @field_validator("merges")
+    @classmethod
+    def _merges(cls, v):
+        return _known_names("merge method", v, MERGE_METHOD_NAMES)
+
+    @field_validator("peft_merges")
+    @classmethod
+    def _peft(cls, v):
+        return _known_names("peft combination type", v, PEFT_COMBINATION_NAMES)
+
+    @field_validator("routers")
+    @classmethod
+    def _routers(cls, v):
+        return _known_names("router", v, ROUTER_NAMES)
+
+    @field_validator("lam_grid")
+    @classmethod
+    def _lams(cls, v):
+        if any(x <= 0 for x in v):
+            raise ValueError(f"every λ must be > 0, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _beta_density(self):
+        if "breadcrumbs" in self.merges and self.beta + self.density > 1:
+            raise ValueError(f"breadcrumbs needs beta + density <= 1, got beta={self.beta}, density={self.density}")
+        return self
+
+
 # Section name in params.yaml -> schema. Later stages add their sections here.
 SCHEMAS: dict[str, type[Section]] = {
     "skills": SkillsParams,
@@ -158,6 +253,7 @@ SCHEMAS: dict[str, type[Section]] = {
     "model": ModelParams,
     "experts": ExpertsParams,
     "evaluation": EvalParams,
+    "merge_route": MergeRouteParams,
 }
 
 

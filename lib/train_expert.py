@@ -3,14 +3,22 @@
     python -m lib.train_expert <skill>                     -> models/experts/<skill>/
     python -m lib.train_expert joint --budget same_steps   -> models/joint/same_steps/
     python -m lib.train_expert joint --budget total_steps  -> models/joint/total_steps/
+    python -m lib.train_expert general                     -> models/general/
+
+``general`` is a LoRA trained on the base's own corpus (plain language modelling, the same
+recipe as an expert): the "general knowledge" adapter GenKnowSub subtracts in stage 04.
 
 The joint baseline trains on the union of all training skills under two budgets: the
 steps of one expert, and the steps of all experts together, so "experts + merge" is
 compared with "one model on everything" at equal and at equal-total compute.
+With early stopping (``experts.stop_loss``), "one expert's steps" is the cap
+``experts.steps`` and "all experts' steps" is the sum of the steps they actually ran,
+read from each expert's train_info.json; the joint runs follow the same stopping rule.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -27,6 +35,19 @@ def joint_train_set(skill_names: list[str], root: Path, seed: int):
     return concatenate_datasets(parts).shuffle(seed=seed)
 
 
+def experts_total_steps(skill_names: list[str], root: Path) -> int:
+    """Steps the trained experts actually ran, summed; an expert not trained yet is a clear error."""
+    total = 0
+    for s in skill_names:
+        info = root / "models" / "experts" / s / "train_info.json"
+        if not info.exists():
+            raise data.DataError(f"{info}: missing; the total_steps joint budget needs every expert trained first "
+                                 f"(dvc repro expert@{s})")
+        saved = json.loads(info.read_text())
+        total += saved.get("steps_run", saved["steps"])
+    return total
+
+
 def run(name: str, budget: str | None = None, root: str | Path = ".", params: str = "params.yaml",
         profile: str | None = None, progress: bool = True) -> dict:
     root = Path(root)
@@ -37,12 +58,16 @@ def run(name: str, budget: str | None = None, root: str | Path = ".", params: st
         if budget not in BUDGETS:
             raise config.ParamsError(f"joint needs --budget, one of {', '.join(BUDGETS)}; got {budget!r}")
         train = joint_train_set(skills.train, root, e.seed)
-        steps = e.steps if budget == "same_steps" else e.steps * len(skills.train)
+        steps = e.steps if budget == "same_steps" else experts_total_steps(skills.train, root)
         out = root / "models" / "joint" / budget
         resolved.update(budget=budget, skills=skills.train)
+    elif name == "general":
+        train = data.load(root / "datasets" / "corpus", ("train",))["train"]
+        steps = e.steps
+        out = root / "models" / "general"
     else:
         if name not in skills.train:
-            raise config.ParamsError(f"{name!r} is not a training skill; skills.train is {skills.train}")
+            raise config.ParamsError(f"{name!r} is not a training skill, 'joint' or 'general'; skills.train is {skills.train}")
         train = data.load(root / "datasets" / "skills" / name, ("train",))["train"]
         steps = e.steps
         out = root / "models" / "experts" / name
@@ -52,7 +77,7 @@ def run(name: str, budget: str | None = None, root: str | Path = ".", params: st
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("name", help="a training skill, or 'joint'")
+    ap.add_argument("name", help="a training skill, 'joint' or 'general'")
     ap.add_argument("--budget", choices=BUDGETS)
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--profile", default=None)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 from datasets import Dataset
+from transformers import TrainerCallback
 
 from .modeling import load_on_device, pick_device
 
@@ -47,6 +48,28 @@ def _common_args(out_dir: Path, steps: int, lr: float, batch_size: int, seed: in
         bf16=dtype == torch.bfloat16, use_cpu=device.type == "cpu", dataloader_num_workers=0,
         disable_tqdm=not progress, include_num_input_tokens_seen=True,
     )
+
+
+class LossThresholdStop(TrainerCallback):
+    """Stop training once the mean of the last ``window`` logged losses is below ``threshold``.
+
+    The rule reads only the training loss the trainer already logs, so it costs nothing
+    and gives the same stopping step on every run with the same seed.
+    """
+
+    def __init__(self, threshold: float, window: int):
+        self.threshold, self.window = threshold, window
+        self.losses: list[float] = []
+        self.stopped_at: int | None = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.losses.append(float(logs["loss"]))
+            recent = self.losses[-self.window:]
+            if len(recent) == self.window and sum(recent) / self.window < self.threshold:
+                control.should_training_stop = True
+                self.stopped_at = state.global_step
+        return control
 
 
 def loss_history(trainer) -> pd.DataFrame:
@@ -86,6 +109,8 @@ def train_lora(base_dir: Path, train: Dataset, e, steps: int, seed: int, out_dir
                resolved_params: dict | None = None) -> dict:
     """Train one LoRA adapter with trl's SFTTrainer; save it with save_pretrained under ``out_dir``.
 
+    ``train`` has prompt/answer rows (loss on the answer only) or, for the general adapter
+    GenKnowSub subtracts, a ``text`` column (plain language modelling on every token).
     Written to ``out_dir.partial`` first and renamed at the end, so a killed run never
     leaves a directory that looks like a finished adapter.
     """
@@ -94,6 +119,7 @@ def train_lora(base_dir: Path, train: Dataset, e, steps: int, seed: int, out_dir
 
     model, tok = load_on_device(base_dir)
     tok.padding_side = "right"
+    plain_text = "text" in train.column_names and "prompt" not in train.column_names
     lora = LoraConfig(r=e.rank, lora_alpha=e.alpha, lora_dropout=e.dropout, target_modules=list(e.target_modules),
                       task_type="CAUSAL_LM", bias="none")
     tmp = Path(str(out_dir) + ".partial")
@@ -101,9 +127,12 @@ def train_lora(base_dir: Path, train: Dataset, e, steps: int, seed: int, out_dir
     try:
         args = SFTConfig(
             **_common_args(tmp / "trainer", steps, e.lr, e.batch_size, seed, e.weight_decay, progress=progress),
-            completion_only_loss=True, max_length=e.max_length, packing=False,
+            completion_only_loss=not plain_text, max_length=e.max_length, packing=False,
         )
-        trainer = SFTTrainer(model=model, args=args, train_dataset=sft_rows(train), processing_class=tok, peft_config=lora)
+        stop = LossThresholdStop(e.stop_loss, e.stop_window) if e.stop_loss else None
+        rows = train if plain_text else sft_rows(train)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tok, peft_config=lora,
+                             callbacks=[stop] if stop else None)
         t0 = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - t0
@@ -112,10 +141,11 @@ def train_lora(base_dir: Path, train: Dataset, e, steps: int, seed: int, out_dir
         hist = loss_history(trainer)
         hist.to_csv(tmp / "train_loss.csv", index=False)
         info = {
-            "steps": steps, "seed": seed, "seconds": round(seconds, 2),
+            "steps": steps, "steps_run": trainer.state.global_step, "stopped_early": bool(stop and stop.stopped_at),
+            "seed": seed, "seconds": round(seconds, 2),
             "trainable_params": count_parameters(trainer.model, trainable_only=True),
             "final_loss": float(hist["loss"].iloc[-1]) if len(hist) else math.nan,
-            "examples_seen": steps * e.batch_size, "train_examples": len(train),
+            "examples_seen": trainer.state.global_step * e.batch_size, "train_examples": len(train),
         }
         (tmp / "train_info.json").write_text(json.dumps(info, indent=2))
         # The params that produced this adapter travel with it.

@@ -215,6 +215,16 @@ def test_train_lora_writes_a_complete_adapter(trained, scratch_base):
     assert loss[0] == "step,loss" and len(loss) > 1
 
 
+def test_general_adapter_trains_on_plain_text(tmp_path, scratch_base, corpus_dir):
+    """The GenKnowSub "general" LoRA: language modelling on every token of the corpus text."""
+    _, _, base = scratch_base
+    corpus = data.load(corpus_dir, ("train",))["train"]
+    e = EXPERT.model_copy(update={"steps": 3})
+    info = training.train_lora(base, corpus, e, e.steps, 0, tmp_path / "general", progress=False)
+    assert info["steps_run"] == 3 and info["train_examples"] == len(corpus)
+    assert (tmp_path / "general" / "adapter_model.safetensors").is_file()
+
+
 def test_sft_rows_put_the_answer_in_the_completion():
     train = skill_sets()["reverse"]["train"]
     rows = training.sft_rows(train)
@@ -291,6 +301,45 @@ def test_joint_train_set_is_the_shuffled_union(tmp_path):
     assert a["prompt"] != train_expert.joint_train_set(SKILLS.train, tmp_path, seed=1)["prompt"]
     concat = [p for s in SKILLS.train for p in sets[s]["train"]["prompt"]]
     assert a["prompt"] != concat  # shuffled, not just concatenated
+
+
+def test_joint_total_budget_is_the_steps_the_experts_ran(tmp_path):
+    for skill, ran in (("reverse", 7), ("upper", 11)):
+        d = tmp_path / "models" / "experts" / skill
+        d.mkdir(parents=True)
+        (d / "train_info.json").write_text(json.dumps({"steps": 20, "steps_run": ran}))
+    assert train_expert.experts_total_steps(["reverse", "upper"], tmp_path) == 18
+    with pytest.raises(data.DataError, match=r"count/train_info.json.*expert@count"):
+        train_expert.experts_total_steps(["reverse", "count"], tmp_path)
+
+
+class _State:
+    def __init__(self):
+        self.global_step = 0
+
+
+def test_loss_threshold_stop_waits_for_a_full_window_below_the_threshold():
+    from transformers import TrainerControl
+
+    stop, state, control = training.LossThresholdStop(0.1, window=3), _State(), TrainerControl()
+    # mean of the last 3: (0.5+0.05+0.05)/3 = 0.2, then (0.05+0.05+0.15)/3 = 0.083 -> stop at step 40
+    for step, loss in ((10, 0.5), (20, 0.05), (30, 0.05), (40, 0.15)):
+        state.global_step = step
+        stop.on_log(None, state, control, logs={"loss": loss})
+        assert control.should_training_stop == (step == 40), step
+    stop.on_log(None, state, control, logs={"train_runtime": 1.0})  # logs without a loss are ignored
+    assert stop.stopped_at == 40 and stop.losses == [0.5, 0.05, 0.05, 0.15]
+
+
+def test_train_lora_stops_early_and_records_the_steps_it_ran(tmp_path, scratch_base):
+    _, _, base = scratch_base
+    e = EXPERT.model_copy(update={"steps": 50, "stop_loss": 1e6, "stop_window": 2})  # any loss is below 1e6
+    info = training.train_lora(base, skill_sets()["reverse"]["train"], e, e.steps, e.seed, tmp_path / "a", progress=False)
+    assert info["stopped_early"] and info["steps"] == 50
+    assert info["steps_run"] == 2  # logging every 50 // 50 = 1 step, a window of 2 logs
+    assert info["examples_seen"] == 2 * e.batch_size
+    never = training.train_lora(base, skill_sets()["reverse"]["train"], EXPERT, EXPERT.steps, 0, tmp_path / "b", progress=False)
+    assert not never["stopped_early"] and never["steps_run"] == EXPERT.steps
 
 
 # --------------------------------------------------------------------------- 5. adapter loading
