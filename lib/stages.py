@@ -21,6 +21,7 @@ STAGES: dict[str, Stage] = {
         Stage("synthesize", "01_synthesize.ipynb", ("skills", "synthesize")),
         Stage("base", "02_base.ipynb", ("skills", "model", "evaluation")),
         Stage("experts", "03_experts.ipynb", ("skills", "experts", "evaluation")),
+        Stage("merge_route", "04_merge_route.ipynb", ("skills", "experts", "evaluation", "merge_route")),
     ]
 }
 

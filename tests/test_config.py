@@ -102,6 +102,18 @@ def test_bad_params_message(tmp_path, mutate, needles):
         ("synthesize", {"n_test": -3}, ["synthesize.n_test", "-3"]),
         ("skills", {"train": ["nope"]}, ["skills.train", "'nope'", *KNOWN_SKILLS]),
         ("sklils", {}, ["unknown section 'sklils'", "known sections", "skills", "synthesize"]),
+        ("merge_route", {"merges": ["ties", "tie"]}, ["merge_route.merges", "unknown merge method ['tie']", "task_arithmetic", "breadcrumbs"]),
+        ("merge_route", {"peft_merges": ["svd", "svd"]}, ["merge_route.peft_merges", "listed twice"]),
+        ("merge_route", {"peft_merges": ["concat"]}, ["unknown peft combination type ['concat']", "cat", "ties_svd"]),
+        ("merge_route", {"routers": ["arow"]}, ["merge_route.routers", "unknown router ['arow']", "arrow", "lorahub", "ensemble"]),
+        ("merge_route", {"density": 1.5}, ["merge_route.density", "1.5", "less than or equal to 1"]),
+        ("merge_route", {"density": 0.5, "beta": 0.6}, ["breadcrumbs needs beta + density <= 1"]),
+        ("merge_route", {"lam_grid": [0.5, -1]}, ["merge_route.lam_grid", "every λ must be > 0"]),
+        ("merge_route", {"lam_grid": []}, ["merge_route.lam_grid", "at least 1 item"]),
+        ("merge_route", {"router": {"top_k": 0}}, ["merge_route.router.top_k", "greater than or equal to 1"]),
+        ("merge_route", {"lorahub": {"targets": ["compsed"]}}, ["merge_route.lorahub.targets.0", "'compsed'", "'composed'", "'heldout'"]),
+        ("merge_route", {"arrow": {"topk": 2}}, ["merge_route.arrow.topk", "unknown key", "top_k", "temperature"]),
+        ("experts", {"stop_loss": 0}, ["experts.stop_loss", "greater than 0"]),
     ],
 )
 def test_validate_section_messages(section, values, needles):
@@ -205,3 +217,12 @@ def test_run_stage_unknown_profile_exit_code(workdir, capsys):
     assert rc == 2
     assert "profile 'nope' not found" in capsys.readouterr().err
     assert not (workdir / "reports").exists()
+
+
+def test_method_name_lists_match_the_registries():
+    from lib import merging
+
+    assert set(config.MERGE_METHOD_NAMES) == set(merging.MERGE_METHODS)
+    from lib import adapter_space
+
+    assert set(config.PEFT_COMBINATION_NAMES) == set(adapter_space.PEFT_COMBINATIONS)

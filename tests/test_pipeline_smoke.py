@@ -52,11 +52,14 @@ def test_every_stage_wrote_its_outputs(project):
         assert (project / "models" / "experts" / skill / "adapter_model.safetensors").is_file()
         saved = json.loads((project / "models" / "experts" / skill / "params.json").read_text())
         assert saved["experts"] == p["experts"] and saved["name"] == skill
-    for budget, steps in (("same_steps", p["experts"]["steps"]), ("total_steps", p["experts"]["steps"] * len(p["skills"]["train"]))):
+    ran = [json.loads((project / "models" / "experts" / s / "train_info.json").read_text())["steps_run"]
+           for s in p["skills"]["train"]]
+    for budget, steps in (("same_steps", p["experts"]["steps"]), ("total_steps", sum(ran))):
         info = json.loads((project / "models" / "joint" / budget / "train_info.json").read_text())
         assert info["steps"] == steps
     assert (project / "models" / "base" / "model.safetensors").is_file()
-    for nb in ("01_synthesize", "02_base", "03_experts"):
+    assert (project / "models" / "general" / "adapter_model.safetensors").is_file()
+    for nb in ("01_synthesize", "02_base", "03_experts", "04_merge_route"):
         assert (project / "reports" / "notebooks" / f"{nb}.ipynb").is_file()
     assert not list(project.rglob("*.partial"))
 
@@ -72,15 +75,52 @@ def test_metrics_cover_base_experts_and_joint(project):
         assert 0.0 <= v <= 1.0
     shown = dvc(project, "metrics", "show")
     assert "metrics/experts.json" in shown and "metrics/base.json" in shown and "metrics/synthesize.json" in shown
+    assert "metrics/merge_route.json" in shown
+
+
+def test_merge_route_leaderboard_has_every_method(project):
+    p = smoke_params(project)["merge_route"]
+    m = json.loads((project / "metrics" / "merge_route.json").read_text())
+    systems = set(m["systems"])
+    skills = smoke_params(project)["skills"]["train"]
+    expected = {"base", "joint_same_steps", "joint_total_steps", *(f"expert:{s}" for s in skills),
+                *(f"merge:{x}" for x in p["merges"]), *(f"peft:{x}" for x in p["peft_merges"]),
+                "route:oracle", "route:router_top1", "route:arrow", "route:arrow_gks", "route:ensemble",
+                *(f"lorahub→{t}" for t in p["lorahub"]["targets"])}
+    assert expected <= systems, expected - systems
+    assert any(s.startswith("route:router_soft_top") for s in systems)
+    for name, row in m["systems"].items():
+        assert 0.0 <= row["mean_acc"] <= 1.0, name
+        assert row["mean_lo"] <= row["mean_acc"] <= row["mean_hi"], name
+    # peft's cat stacks the factors: exactly the weighted sum of the ΔW; linear is not.
+    assert m["peft_distance_to_exact"]["cat"] < 1e-4
+    assert m["peft_distance_to_exact"]["linear"] > 1e-3
+    assert set(m["chosen_lambda"]) == set(p["merges"])
+    board = (project / "plots" / "merge_route_leaderboard.csv").read_text().splitlines()
+    assert len(board) == len(systems) + 1
 
 
 def test_pipeline_is_clean_and_a_param_reruns_only_its_stages(project):
     assert "up to date" in dvc(project, "status")
-    params = smoke_params(project)
-    params["experts"]["lr"] = params["experts"]["lr"] * 2
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    status = dvc(project, "status", "--json")
-    changed = set(json.loads(status))
-    assert {f"expert@{s}" for s in params["skills"]["train"]} <= changed
-    assert {"joint@same_steps", "joint@total_steps", "experts"} <= changed
-    assert not changed & {"synthesize", "base"}
+    original = (project / "params.yaml").read_text()
+    try:
+        params = smoke_params(project)
+        params["experts"]["lr"] = params["experts"]["lr"] * 2
+        (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        changed = set(json.loads(dvc(project, "status", "--json")))
+        assert {f"expert@{s}" for s in params["skills"]["train"]} <= changed
+        assert {"joint@same_steps", "joint@total_steps", "experts", "general", "merge_route"} <= changed
+        assert not changed & {"synthesize", "base"}
+    finally:
+        (project / "params.yaml").write_text(original)
+
+
+def test_a_merge_parameter_reruns_only_stage_04(project):
+    original = (project / "params.yaml").read_text()
+    try:
+        params = smoke_params(project)
+        params["merge_route"]["density"] = 0.5
+        (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        assert set(json.loads(dvc(project, "status", "--json"))) == {"merge_route"}
+    finally:
+        (project / "params.yaml").write_text(original)

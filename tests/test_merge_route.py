@@ -1,0 +1,123 @@
+"""Stage 04's bookkeeping: macro accuracy with intervals, normalised accuracy, λ choice,
+the joint-baseline verdicts and the leaderboard, on hand-made results."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from lib import merge_route as MR
+from lib.config import EvalParams
+
+
+def _examples(correct_by_skill: dict[str, list[int]]) -> pd.DataFrame:
+    rows = [{"skill": s, "correct": c} for s, cs in correct_by_skill.items() for c in cs]
+    return pd.DataFrame(rows)
+
+
+def test_macro_ci_is_the_mean_over_skills_not_over_examples():
+    # 'a' has 4 examples all right, 'b' has 1 example wrong: macro 0.5, micro 0.8.
+    ex = _examples({"a": [1, 1, 1, 1], "b": [0]})
+    mean, lo, hi = MR.macro_ci(ex, n_boot=200)
+    assert mean == pytest.approx(0.5)
+    assert lo == pytest.approx(0.5) and hi == pytest.approx(0.5)  # no variance within a skill
+
+
+def test_normalised_accuracy_divides_by_the_expert():
+    ex = _examples({"a": [1, 0, 1, 0], "b": [1, 1, 1, 1]})
+    mean, lo, hi = MR.macro_ci(ex, {"a": 0.5, "b": 0.8}, n_boot=500)
+    assert mean == pytest.approx((0.5 / 0.5 + 1.0 / 0.8) / 2)
+    assert lo <= mean <= hi
+    # A skill whose expert scores 0 cannot be normalised and is left out.
+    assert MR.macro_ci(ex, {"a": 0.0, "b": 0.8}, n_boot=100)[0] == pytest.approx(1.0 / 0.8)
+
+
+def test_macro_ci_interval_covers_and_shrinks_with_more_data():
+    rng = np.random.default_rng(0)
+    small = _examples({"a": list(rng.integers(0, 2, 20)), "b": list(rng.integers(0, 2, 20))})
+    big = _examples({"a": list(rng.integers(0, 2, 2000)), "b": list(rng.integers(0, 2, 2000))})
+    _, lo_s, hi_s = MR.macro_ci(small, n_boot=500)
+    m, lo_b, hi_b = MR.macro_ci(big, n_boot=500)
+    assert hi_b - lo_b < hi_s - lo_s
+    assert lo_b < 0.5 < hi_b and abs(m - 0.5) < 0.05
+
+
+def test_choose_lambda_picks_the_best_validation_score_and_the_smaller_on_ties(monkeypatch):
+    scores = {0.1: 0.2, 0.3: 0.7, 0.5: 0.7, 1.0: 0.4}
+    monkeypatch.setattr(MR, "validation_accuracy", lambda model, tok, val, ev, **kw: scores[model])
+    lam, model, curve = MR.choose_lambda(lambda lam: lam, [1.0, 0.5, 0.1, 0.3], None, None, EvalParams())
+    assert lam == 0.3 and model == 0.3
+    assert curve.lam.tolist() == [0.1, 0.3, 0.5, 1.0]
+    assert curve.val_accuracy.tolist() == [0.2, 0.7, 0.7, 0.4]
+
+
+def _per_skill(rows):
+    return pd.DataFrame(rows, columns=["system", "kind", "skill", "n", "accuracy", "ci_low", "ci_high", "ece"])
+
+
+def test_beats_joint_needs_separated_intervals():
+    per = _per_skill([
+        ("joint_total_steps", "joint", "a", 100, 0.50, 0.40, 0.60, 0),
+        ("joint_total_steps", "joint", "b", 100, 0.90, 0.85, 0.95, 0),
+        ("merge:ties", "merge", "a", 100, 0.75, 0.65, 0.85, 0),   # above: beats
+        ("merge:ties", "merge", "b", 100, 0.88, 0.80, 0.94, 0),   # overlaps: tie
+        ("route:x", "router", "a", 100, 0.20, 0.10, 0.30, 0),     # below: loses
+        ("route:x", "router", "b", 100, 0.90, 0.86, 0.96, 0),
+        ("expert:a", "expert", "a", 100, 1.0, 1.0, 1.0, 0),       # experts are not compared
+    ])
+    v = MR.beats_joint(per, ["joint_total_steps"], ["a", "b"]).set_index(["system", "skill"]).verdict
+    assert v[("merge:ties", "a")] == "beats" and v[("merge:ties", "b")] == "tie"
+    assert v[("route:x", "a")] == "loses" and v[("route:x", "b")] == "tie"
+    assert "expert:a" not in v.index.get_level_values(0)
+
+
+def test_describe_names_the_winners():
+    board = pd.DataFrame([
+        {"system": "merge:ties", "kind": "merge", "norm_acc": 0.7, "norm_lo": 0.6, "norm_hi": 0.8, "mean_acc": 0.65,
+         "composed": 0.1, "composed_lo": 0.05, "composed_hi": 0.15},
+        {"system": "merge:linear", "kind": "merge", "norm_acc": 0.4, "norm_lo": 0.3, "norm_hi": 0.5, "mean_acc": 0.38,
+         "composed": 0.2, "composed_lo": 0.1, "composed_hi": 0.3},
+    ])
+    verdicts = pd.DataFrame([{"system": "merge:ties", "joint": "joint_same_steps", "skill": "sort", "verdict": "beats"}])
+    text = MR.describe(board, verdicts, {})
+    assert "Best merge: merge:ties, normalised accuracy 0.700" in text
+    assert "Best on composed: merge:linear" in text
+    assert "Beat joint_same_steps (CI-separated): merge:ties on sort." in text
+
+
+class _FakeResult:
+    def __init__(self, correct, skill, n_tokens):
+        self.examples = pd.DataFrame({"correct": correct, "skill": skill, "n_tokens": n_tokens})
+
+    def accuracy_ci(self):
+        c = self.examples.correct.mean()
+        return float(c), float(c) - 0.1, float(c) + 0.1
+
+
+def test_leaderboard_rows_costs_and_relative_speed():
+    bench = MR.Bench(tok=None, tests={}, ev=EvalParams(n_boot=100))
+    bench.systems = {"base": MR.System("base", "base", None),
+                     "merge:x": MR.System("merge:x", "merge", None, extra_params=0, build_s=1.5),
+                     "route:y": MR.System("route:y", "router", None, extra_params=1000)}
+    for name, correct, secs in (("base", [0, 0, 0, 0], 1.0), ("merge:x", [1, 0, 1, 1], 1.0), ("route:y", [1, 1, 1, 1], 4.0)):
+        bench.results[(name, "skills")] = _FakeResult(correct, ["a", "a", "b", "b"], [3, 3, 3, 3])
+        bench.seconds[(name, "skills")] = secs
+    bench.results[("merge:x", "composed")] = _FakeResult([1, 0], ["a>b", "b>a"], [2, 2])
+    bench.seconds[("merge:x", "composed")] = 0.0
+    board = bench.leaderboard({"a": 1.0, "b": 0.5}).set_index("system")
+    assert board.loc["merge:x", "mean_acc"] == pytest.approx((0.5 + 1.0) / 2)
+    assert board.loc["merge:x", "norm_acc"] == pytest.approx((0.5 / 1.0 + 1.0 / 0.5) / 2)
+    assert board.loc["merge:x", "composed"] == pytest.approx(0.5)
+    assert np.isnan(board.loc["route:y", "composed"])
+    assert board.loc["route:y", "tokens_per_s_rel"] == pytest.approx(0.25)  # 4x slower than the base
+    assert board.loc["merge:x", "tokens_per_s_rel"] == pytest.approx(16 / 12)  # (12 + 4) tokens in 1 s vs 12 in 1 s
+    assert board.loc["route:y", "extra_params"] == 1000 and board.loc["merge:x", "build_s"] == 1.5
+
+
+def test_metrics_json_writes_nan_as_null(tmp_path):
+    import json
+
+    from lib import io
+
+    path = io.write_json(tmp_path / "m.json", {"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": np.float64("nan")}, "e": 0.5})
+    assert json.loads(path.read_text()) == {"a": None, "b": [1.0, None], "c": {"d": None}, "e": 0.5}
