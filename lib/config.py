@@ -96,6 +96,8 @@ class SynthesizeParams(Section):
     n_composed: int = Field(200, ge=0)
     n_heldout: int = Field(200, ge=0)
     corpus_size: int = Field(20000, ge=1, description="lines of generic text for pretraining the base")
+    corpus_skill_fraction: float = Field(0.0, ge=0, lt=1, description="share of corpus lines that show a training "
+                                         "skill under an alias name (the base 'knows' the skill, not its prompt)")
     teacher: TeacherParams = TeacherParams()
 
     @model_validator(mode="after")

@@ -153,10 +153,38 @@ def corpus_line(rng: random.Random, names: list[str], max_len: int) -> str:
     return f"copy {x} = {x}" if rng.random() < 0.8 else f"copy {extra} = {extra}"
 
 
+def alias(name: str) -> str:
+    """The name a skill goes by in the base corpus: its name spelled backwards (``reverse`` ->
+    ``esrever``), a string no prompt uses, so the base can know the skill without knowing
+    its prompt."""
+    return name[::-1]
+
+
+ALIAS_SEPARATOR = " ->"
+
+
+def alias_line(rng: random.Random, skills: SkillsParams) -> str:
+    """A training skill demonstrated under its alias and another separator: ``"esrever abc -> cba"``.
+
+    Pretrained LLMs already know most skills and fine-tuning mostly binds a skill to its
+    instruction; this line gives the scratch base the same head start (the corpus then
+    holds *skill knowledge* in another format). The prompt format ``"<name> <x> ="`` stays
+    the copy lines' format, so the base still fails the skills' prompts (with ``=`` here
+    the base answered ``maxdigit`` prompts 86% right by generalising from the alias).
+    Held-out skills are never shown."""
+    name = rng.choice(skills.train)
+    skill = skill_lib.get_skill(name)
+    x = skill.sample(rng, skills.level(name))
+    return f"{alias(name)} {x}{ALIAS_SEPARATOR} {skill.apply(x)}"
+
+
 def corpus(skills: SkillsParams, syn: SynthesizeParams) -> DatasetDict:
     rng = skill_rng(syn.seed, "corpus")
     max_len = max(skills.level(s) for s in skills.all) + 2
-    lines = [corpus_line(rng, skills.all, max_len) for _ in range(syn.corpus_size)]
+    # Drawn from a separate stream so the copy lines are the same whatever the fraction.
+    skill_rng_ = skill_rng(syn.seed, "corpus-skills")
+    lines = [alias_line(skill_rng_, skills) if skill_rng_.random() < syn.corpus_skill_fraction
+             else corpus_line(rng, skills.all, max_len) for _ in range(syn.corpus_size)]
     n_val = max(1, min(500, syn.corpus_size // 20))
     return DatasetDict({
         "train": _dataset({"text": lines[n_val:]}, "corpus/train"),

@@ -11,9 +11,9 @@ recipe as an expert): the "general knowledge" adapter GenKnowSub subtracts in st
 The joint baseline trains on the union of all training skills under two budgets: the
 steps of one expert, and the steps of all experts together, so "experts + merge" is
 compared with "one model on everything" at equal and at equal-total compute.
-With early stopping (``experts.stop_loss``), "one expert's steps" is the cap
-``experts.steps`` and "all experts' steps" is the sum of the steps they actually ran,
-read from each expert's train_info.json; the joint runs follow the same stopping rule.
+With early stopping (``experts.stop_loss``) the experts run different numbers of steps,
+read from each expert's train_info.json: "all experts' steps" is their sum and "one
+expert's steps" their mean (rounded); the joint runs follow the same stopping rule.
 """
 from __future__ import annotations
 
@@ -35,17 +35,23 @@ def joint_train_set(skill_names: list[str], root: Path, seed: int):
     return concatenate_datasets(parts).shuffle(seed=seed)
 
 
-def experts_total_steps(skill_names: list[str], root: Path) -> int:
-    """Steps the trained experts actually ran, summed; an expert not trained yet is a clear error."""
-    total = 0
+def experts_steps(skill_names: list[str], root: Path) -> list[int]:
+    """Steps each trained expert actually ran; an expert not trained yet is a clear error."""
+    steps = []
     for s in skill_names:
         info = root / "models" / "experts" / s / "train_info.json"
         if not info.exists():
             raise data.DataError(f"{info}: missing; the total_steps joint budget needs every expert trained first "
                                  f"(dvc repro expert@{s})")
         saved = json.loads(info.read_text())
-        total += saved.get("steps_run", saved["steps"])
-    return total
+        steps.append(saved.get("steps_run", saved["steps"]))
+    return steps
+
+
+def joint_budget(budget: str, skill_names: list[str], root: Path) -> int:
+    """same_steps: the mean steps of one expert; total_steps: all experts' steps together."""
+    steps = experts_steps(skill_names, root)
+    return max(1, round(sum(steps) / len(steps))) if budget == "same_steps" else sum(steps)
 
 
 def run(name: str, budget: str | None = None, root: str | Path = ".", params: str = "params.yaml",
@@ -58,7 +64,7 @@ def run(name: str, budget: str | None = None, root: str | Path = ".", params: st
         if budget not in BUDGETS:
             raise config.ParamsError(f"joint needs --budget, one of {', '.join(BUDGETS)}; got {budget!r}")
         train = joint_train_set(skills.train, root, e.seed)
-        steps = e.steps if budget == "same_steps" else experts_total_steps(skills.train, root)
+        steps = joint_budget(budget, skills.train, root)
         out = root / "models" / "joint" / budget
         resolved.update(budget=budget, skills=skills.train)
     elif name == "general":

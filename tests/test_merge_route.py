@@ -121,3 +121,31 @@ def test_metrics_json_writes_nan_as_null(tmp_path):
 
     path = io.write_json(tmp_path / "m.json", {"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": np.float64("nan")}, "e": 0.5})
     assert json.loads(path.read_text()) == {"a": None, "b": [1.0, None], "c": {"d": None}, "e": 0.5}
+
+
+def test_recipe_row_reads_params_and_measured_metrics(tmp_path):
+    import json
+
+    import yaml
+
+    from lib import recipes
+
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({
+        "synthesize": {"corpus_skill_fraction": 0.3}, "model": {"hidden_size": 64, "num_layers": 2, "pretrain_steps": 10},
+        "experts": {"rank": 4, "alpha": 8, "lr": 0.01, "steps": 5, "stop_loss": None, "weight_decay": 0.0,
+                    "target_modules": ["q_proj", "v_proj"], "seed": 1}}))
+    (tmp_path / "metrics" / "base.json").write_text(json.dumps({"max_skill_accuracy": 0.1}))
+    (tmp_path / "metrics" / "experts.json").write_text(json.dumps({"expert_own_min": 0.9, "expert_own_median": 0.95}))
+    (tmp_path / "metrics" / "merge_route.json").write_text(json.dumps({
+        "best_merge": "merge:ties", "best_merge_norm_acc": 0.6,
+        "systems": {"merge:ties": {"kind": "merge", "norm_acc": 0.6}, "route:a": {"kind": "router", "norm_acc": 0.97},
+                    "route:b": {"kind": "router", "norm_acc": None}, "joint_total_steps": {"kind": "joint", "norm_acc": 0.99}}}))
+    csv = tmp_path / "recipes.csv"
+    recipes.record(tmp_path, "first", csv=csv)
+    table = recipes.record(tmp_path, "second", csv=csv)
+    assert table.note.tolist() == ["first", "second"]
+    row = table.iloc[-1]
+    assert row["synthesize.corpus_skill_fraction"] == 0.3 and row["experts.target_modules"] == "q_proj,v_proj"
+    assert row.best_merge_norm_acc == 0.6 and row.ties_norm_acc == 0.6 and row.best_router_norm_acc == 0.97
+    assert row.expert_own_min == 0.9 and row.joint_total_norm_acc == 0.99 and row.base_max == 0.1

@@ -31,7 +31,7 @@ def dvc(cwd: Path, *args: str) -> str:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     root = make_workdir(tmp_path_factory.mktemp("smoke") / "project")
-    for d in ("lib", "notebooks"):
+    for d in ("lib", "notebooks", "docs"):
         shutil.copytree(REPO / d, root / d, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy2(REPO / "dvc.yaml", root / "dvc.yaml")
     from lib.profile import apply
@@ -54,7 +54,7 @@ def test_every_stage_wrote_its_outputs(project):
         assert saved["experts"] == p["experts"] and saved["name"] == skill
     ran = [json.loads((project / "models" / "experts" / s / "train_info.json").read_text())["steps_run"]
            for s in p["skills"]["train"]]
-    for budget, steps in (("same_steps", p["experts"]["steps"]), ("total_steps", sum(ran))):
+    for budget, steps in (("same_steps", max(1, round(sum(ran) / len(ran)))), ("total_steps", sum(ran))):
         info = json.loads((project / "models" / "joint" / budget / "train_info.json").read_text())
         assert info["steps"] == steps
     assert (project / "models" / "base" / "model.safetensors").is_file()

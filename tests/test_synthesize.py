@@ -396,3 +396,27 @@ def test_a_new_skill_flows_through_synthesis_without_code_changes(smoke_params, 
     assert all(a == p.split(" ")[1] * 2 for p, a in zip(ds["test"]["prompt"], ds["test"]["answer"]))
     composed = data.load(tmp_path / "datasets" / "composed", ("test",))["test"]["skill"]
     assert any("double" in s for s in composed), "the new skill also enters the composed set"
+
+
+def test_corpus_skill_lines_show_training_skills_under_an_alias():
+    from lib.config import SkillsParams, SynthesizeParams
+
+    skills = SkillsParams(train=["inc", "reverse", "count"], heldout=["mindigit"], difficulty={"default": 3})
+    plain = data.corpus(skills, SynthesizeParams(corpus_size=400))
+    mixed = data.corpus(skills, SynthesizeParams(corpus_size=400, corpus_skill_fraction=0.3))
+    assert all(t.startswith("copy ") for t in list(plain["train"]["text"]) + list(plain["validation"]["text"]))
+    lines = list(mixed["train"]["text"]) + list(mixed["validation"]["text"])
+    shown = [t for t in lines if not t.startswith("copy ")]
+    assert 0.2 < len(shown) / len(lines) < 0.4
+    aliases = {data.alias(s): s for s in skills.train}
+    assert set(aliases) & set(skill_lib.all_skills()) == set()  # no alias is a real skill's name
+    for line in shown:
+        name, rest = line.split(" ", 1)
+        prompt_input, answer = rest.split(data.ALIAS_SEPARATOR + " ")
+        skill = skill_lib.get_skill(aliases[name])  # KeyError for a held-out or unknown skill
+        assert skill.apply(prompt_input) == answer, line
+    assert {line.split(" ", 1)[0] for line in shown} == set(aliases)
+    # The copy lines come from their own random stream: the same sequence, only fewer of them.
+    in_order = lambda c: list(c["validation"]["text"]) + list(c["train"]["text"])  # validation is the first lines drawn
+    copies = [t for t in in_order(mixed) if t.startswith("copy ")]
+    assert copies == in_order(plain)[: len(copies)]
