@@ -217,7 +217,6 @@ class MergeRouteParams(Section):
     router: RouterParams = RouterParams()
     arrow: ArrowParams = ArrowParams()
     lorahub: LoraHubParams = LoraHubParams()
-    n_speed: int = Field(256, ge=1, description="test prompts timed for tokens/s")
 
     @field_validator("merges")
     @classmethod

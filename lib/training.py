@@ -128,6 +128,9 @@ def train_lora(base_dir: Path, train: Dataset, e, steps: int, seed: int, out_dir
         args = SFTConfig(
             **_common_args(tmp / "trainer", steps, e.lr, e.batch_size, seed, e.weight_decay, progress=progress),
             completion_only_loss=not plain_text, max_length=e.max_length, packing=False,
+            # trl turns activation checkpointing on by default; at this size recomputing the
+            # forward in the backward pass costs more than the memory it saves.
+            gradient_checkpointing=False,
         )
         stop = LossThresholdStop(e.stop_loss, e.stop_window) if e.stop_loss else None
         rows = train if plain_text else sft_rows(train)
