@@ -218,20 +218,13 @@ class MergeRouteParams(Section):
     arrow: ArrowParams = ArrowParams()
     lorahub: LoraHubParams = LoraHubParams()
 
-    @field_validator("merges")
+    @field_validator("merges", "peft_merges", "routers")
     @classmethod
-    def _merges(cls, v):
-        return _known_names("merge method", v, MERGE_METHOD_NAMES)
-
-    @field_validator("peft_merges")
-    @classmethod
-    def _peft(cls, v):
-        return _known_names("peft combination type", v, PEFT_COMBINATION_NAMES)
-
-    @field_validator("routers")
-    @classmethod
-    def _routers(cls, v):
-        return _known_names("router", v, ROUTER_NAMES)
+    def _method_names(cls, v, info):
+        kind, known = {"merges": ("merge method", MERGE_METHOD_NAMES),
+                       "peft_merges": ("peft combination type", PEFT_COMBINATION_NAMES),
+                       "routers": ("router", ROUTER_NAMES)}[info.field_name]
+        return _known_names(kind, v, known)
 
     @field_validator("lam_grid")
     @classmethod

@@ -332,7 +332,19 @@ def confusion_matrix(true: Sequence[str], predicted: Sequence[str], names: Seque
 # --------------------------------------------------------------------------- soft mixture
 
 
-class SoftMixture(nn.Module):
+class _ModelWrapper(nn.Module):
+    """What the harness's ``generate`` reads from a model, taken from the wrapped ``self.model``."""
+
+    @property
+    def generation_config(self):
+        return self.model.generation_config
+
+    @property
+    def device(self) -> torch.device:
+        return _device(self.model)
+
+
+class SoftMixture(_ModelWrapper):
     """All experts' LoRAs active at once, each one's output scaled per example.
 
     Weights come from ``weights_fn(input_ids, attention_mask) -> [batch, len(names)]`` when
@@ -414,16 +426,6 @@ class SoftMixture(nn.Module):
             raise ValueError(f"adapter(s) {empty} have no LoRA layer in this model")
         return hooked
 
-    # ---- what the harness needs from a model
-
-    @property
-    def generation_config(self):
-        return self.model.generation_config
-
-    @property
-    def device(self) -> torch.device:
-        return _device(self.model)
-
     # ---- weights
 
     def mixture_weights(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
@@ -484,7 +486,7 @@ class SoftMixture(nn.Module):
 # --------------------------------------------------------------------------- output ensemble
 
 
-class LogitEnsemble(nn.Module):
+class LogitEnsemble(_ModelWrapper):
     """Greedy decoding from the average of the experts' next-token probabilities.
 
     Each expert is one adapter of the peft model (``"__base__"`` = the base model), run on
@@ -506,14 +508,6 @@ class LogitEnsemble(nn.Module):
         _check_adapter_names(model, self.names)
         self.model = model
         self.training = model.training  # mirror the model's mode (see SoftMixture)
-
-    @property
-    def generation_config(self):
-        return self.model.generation_config
-
-    @property
-    def device(self) -> torch.device:
-        return _device(self.model)
 
     def _expert_step(self, name: str, ids: Tensor, mask: Tensor, pos: Tensor, cache) -> tuple[Tensor, Any]:
         extra: dict[str, Any] = {}

@@ -45,3 +45,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def peaked_tiny_llama(tok, seed: int = 0):
+    """A 1-layer, hidden-32 Llama for tests, with initializer_range 0.3 (not 0.02) so a
+    random model's next-token distributions are peaked and its greedy answers differ by adapter."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=64, initializer_range=0.3,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return LlamaForCausalLM(cfg).eval()

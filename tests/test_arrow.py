@@ -7,6 +7,8 @@ import copy
 import pytest
 import torch
 
+from conftest import peaked_tiny_llama
+
 from lib import arrow as A
 from lib.evaluation import generate
 from lib.tokenization import build_char_tokenizer
@@ -28,14 +30,9 @@ def _save(base, path, seed, **lora):
 @pytest.fixture(scope="module")
 def lib(one_thread, tmp_path_factory):
     """(base, tokenizer, {name: adapter dir}): three task experts, a general adapter, two misfits."""
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = build_char_tokenizer()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                      num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=64, initializer_range=0.3,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    base = LlamaForCausalLM(cfg).eval()
+    base = peaked_tiny_llama(tok)
     root = tmp_path_factory.mktemp("adapters")
     dirs = {n: _save(base, root / n, 10 + i) for i, n in enumerate((*THREE, "general"))}
     dirs["rank2"] = _save(base, root / "rank2", 20, r=2)

@@ -8,6 +8,8 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import peaked_tiny_llama
+
 from lib import lorahub as H
 from lib import merging as M
 from lib.evaluation import generate
@@ -21,15 +23,9 @@ PROMPTS = [f"add {i}+{2 * i} =" for i in range(8)]
 def setup(one_thread):
     """(base, tokenizer, task vectors, examples): the examples are expert A's greedy answers."""
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = build_char_tokenizer()
-    torch.manual_seed(0)
-    # initializer_range 0.3 (not 0.02) so that the random model's next-token distributions are peaked
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                      num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=64, initializer_range=0.3,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    base = LlamaForCausalLM(cfg).eval()
+    base = peaked_tiny_llama(tok)
     lora = dict(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
     torch.manual_seed(1)
     peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(**lora), adapter_name=EXPERTS[0])
