@@ -19,7 +19,10 @@ setup() {
   if [ ! -f "$stamp" ]; then
     echo "== setting up $VENV (pinned dependencies from requirements.lock)"
     [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-    "$VENV/bin/python" -m pip install --quiet -c requirements.lock -e '.[test]'
+    # A slow package index must not read as a dependency conflict: pip's default 15 s
+    # timeout made one fresh-machine install fail with "ResolutionImpossible" (nbconvert).
+    "$VENV/bin/python" -m pip install --quiet --timeout "${PIP_DEFAULT_TIMEOUT:-120}" --retries 5 \
+      -c requirements.lock -e '.[test]'
     rm -f "$VENV"/.installed-*
     touch "$stamp"
   fi
