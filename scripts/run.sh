@@ -19,8 +19,7 @@ setup() {
   if [ ! -f "$stamp" ]; then
     echo "== setting up $VENV (pinned dependencies from requirements.lock)"
     [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-    # A slow package index must not read as a dependency conflict: pip's default 15 s
-    # timeout made one fresh-machine install fail with "ResolutionImpossible" (nbconvert).
+    # Generous timeout and retries: a slow package index should not fail the setup.
     "$VENV/bin/python" -m pip install --quiet --timeout "${PIP_DEFAULT_TIMEOUT:-120}" --retries 5 \
       -c requirements.lock -e '.[test]'
     rm -f "$VENV"/.installed-*
