@@ -167,26 +167,56 @@ class Bench:
 
 
 def validation_accuracy(model, tok, val, ev, **kw) -> float:
-    """Macro accuracy (mean over skills) on the validation splits: what λ is chosen by."""
-    res = evaluate(model, tok, val, batch_size=ev.batch_size, n_boot=100, n_bins=ev.ece_bins, progress=False, **kw)
-    return float(res.per_skill()["accuracy"].mean())
+    """Macro accuracy (mean over skills) on the validation splits: what λ is chosen by.
+    Called once per candidate, so it skips the intervals and calibration the report needs."""
+    res = evaluate(model, tok, val, batch_size=ev.batch_size, progress=False, **kw)
+    return float(res.examples.groupby("skill")["correct"].mean().mean())
 
 
-def choose_lambda(build: Callable[[float], Any], lam_grid: list[float], tok, val, ev,
-                  **kw) -> tuple[float, Any, pd.DataFrame]:
-    """Build a model for every λ, score each on ``val``; return (best λ, its model, curve).
-
-    Ties go to the smaller λ (the smaller edit of the base)."""
+def choose_lambda(build: Callable[[float], Any], lam_grid: list[float], score: Callable[[Any], float],
+                  discard: Callable[[Any], None] | None = None) -> tuple[float, Any, pd.DataFrame, float]:
+    """Build a candidate for every λ (timed), score each; return (best λ, its candidate, the
+    curve λ / val_accuracy / build_s, seconds the best one took to build). Candidates that
+    lose are passed to ``discard`` (e.g. to delete a peft adapter). Ties go to the smaller λ
+    (the smaller edit of the base)."""
     curve, best = [], None
     for lam in sorted(lam_grid):
-        model = build(lam)
-        acc = validation_accuracy(model, tok, val, ev, **kw)
-        curve.append({"lam": lam, "val_accuracy": acc})
+        candidate, secs = timed(lambda: build(lam))
+        acc = score(candidate)
+        curve.append({"lam": lam, "val_accuracy": acc, "build_s": secs})
         if best is None or acc > best[1]:
-            best = (lam, acc, model)
-        else:
-            del model
-    return best[0], best[2], pd.DataFrame(curve)
+            if best is not None and discard is not None:
+                discard(best[2])
+            best = (lam, acc, candidate, secs)
+        elif discard is not None:
+            discard(candidate)
+    return best[0], best[2], pd.DataFrame(curve), best[3]
+
+
+def merge_kwargs(method: str, p) -> dict:
+    """The ``merge_route`` params a ΔW merge method takes."""
+    return {"linear": {}, "task_arithmetic": {},
+            "ties": {"density": p.density, "majority_sign_method": p.majority_sign_method},
+            "dare_linear": {"density": p.density},
+            "dare_ties": {"density": p.density, "majority_sign_method": p.majority_sign_method},
+            "magnitude_prune": {"density": p.density},
+            "breadcrumbs": {"density": p.density, "beta": p.beta}}[method]
+
+
+def merge_on_validation(base, tok, tvs, method: str, p, val, ev) -> dict:
+    """The ΔW merge ``method`` of every expert in ``tvs``, its summed update scaled by the λ
+    from ``p.lam_grid`` with the best validation accuracy (``linear``, the plain average,
+    has no λ). Returns the merged model, its ΔW, λ, the curve and the build seconds."""
+    from . import merging as M
+
+    def build(lam):
+        weights = None if method == "linear" else [lam] * len(tvs)
+        merged = M.merge_task_vectors(tvs, method, weights=weights, seed=p.seed, **merge_kwargs(method, p))
+        return M.apply_merged(base, merged), merged
+
+    grid = [1.0] if method == "linear" else p.lam_grid
+    lam, (model, merged), curve, build_s = choose_lambda(build, grid, lambda c: validation_accuracy(c[0], tok, val, ev))
+    return {"model": model, "merged": merged, "lam": lam, "curve": curve, "build_s": build_s}
 
 
 def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
@@ -257,33 +287,27 @@ PEFT_EXACT = {"linear": "task_arithmetic", "cat": "task_arithmetic", "svd": "tas
               "magnitude_prune_svd": "magnitude_prune"}
 
 
-def peft_merge_on_validation(peft_model, tok, tvs, names: list[str], ctype: str, p, method_kw: dict, val, ev) -> dict:
+def peft_merge_on_validation(peft_model, tok, tvs, names: list[str], ctype: str, p, val, ev) -> dict:
     """Build peft's ``ctype`` merge of ``names`` for every weight in ``p.lam_grid``, keep the
-    one with the best validation accuracy (the others are deleted), time one build at that
-    weight, and measure its distance to the exact ΔW merge it approximates."""
+    one with the best validation accuracy (the others are deleted), and measure its distance
+    to the exact ΔW merge it approximates."""
     from . import adapter_space as AS
     from . import merging as M
 
     opts = {"density": p.density if ctype in AS.DENSITY_COMBINATIONS else None,
             "svd_rank": p.svd_rank if ctype in AS.SVD_COMBINATIONS else None}
+    grid = sorted(p.lam_grid)
 
-    def build(lam, name):
-        return AS.peft_merge(peft_model, names, ctype, weights=[lam] * len(names), new_name=name,
+    def build(lam):
+        return AS.peft_merge(peft_model, names, ctype, weights=[lam] * len(names), new_name=f"peft_{ctype}_{grid.index(lam)}",
                              majority_sign_method=p.majority_sign_method, seed=p.seed, **opts)
 
-    scores = {}
-    for i, lam in enumerate(sorted(p.lam_grid)):
-        name = build(lam, f"peft_{ctype}_{i}")
-        scores[lam] = (validation_accuracy(peft_model, tok, val, ev, adapter_names=[name] * len(val)), name)
-    lam = max(sorted(scores), key=lambda k: scores[k][0])  # ties: the smaller weight
-    keep = scores[lam][1]
-    for _, name in scores.values():
-        if name != keep:
-            peft_model.delete_adapter(name)
-    _, build_s = timed(lambda: build(lam, f"peft_{ctype}_timed"))
-    peft_model.delete_adapter(f"peft_{ctype}_timed")
+    def score(name):
+        return validation_accuracy(peft_model, tok, val, ev, adapter_names=[name] * len(val))
+
+    lam, keep, curve, build_s = choose_lambda(build, grid, score, discard=peft_model.delete_adapter)
     exact_method = PEFT_EXACT[ctype]
-    exact = M.merge_task_vectors(tvs, exact_method, weights=[lam] * len(names), seed=p.seed, **method_kw[exact_method])
+    exact = M.merge_task_vectors(tvs, exact_method, weights=[lam] * len(names), seed=p.seed, **merge_kwargs(exact_method, p))
     return {"type": ctype, "adapter": keep, "lam": lam, "build_s": build_s, "exact_counterpart": exact_method,
             "distance_to_exact": AS.distance_to_exact(peft_model, keep, exact),
-            "val_curve": {float(k): v[0] for k, v in scores.items()}}
+            "val_curve": dict(zip(curve.lam.astype(float), curve.val_accuracy))}

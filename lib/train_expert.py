@@ -41,7 +41,7 @@ def experts_steps(skill_names: list[str], root: Path) -> list[int]:
     for s in skill_names:
         info = root / "models" / "experts" / s / "train_info.json"
         if not info.exists():
-            raise data.DataError(f"{info}: missing; the total_steps joint budget needs every expert trained first "
+            raise data.DataError(f"{info}: missing; the joint budgets need every expert trained first "
                                  f"(dvc repro expert@{s})")
         saved = json.loads(info.read_text())
         steps.append(saved.get("steps_run", saved["steps"]))

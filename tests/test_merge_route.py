@@ -42,11 +42,14 @@ def test_macro_ci_interval_covers_and_shrinks_with_more_data():
     assert lo_b < 0.5 < hi_b and abs(m - 0.5) < 0.05
 
 
-def test_choose_lambda_picks_the_best_validation_score_and_the_smaller_on_ties(monkeypatch):
+def test_choose_lambda_picks_the_best_validation_score_and_the_smaller_on_ties():
     scores = {0.1: 0.2, 0.3: 0.7, 0.5: 0.7, 1.0: 0.4}
-    monkeypatch.setattr(MR, "validation_accuracy", lambda model, tok, val, ev, **kw: scores[model])
-    lam, model, curve = MR.choose_lambda(lambda lam: lam, [1.0, 0.5, 0.1, 0.3], None, None, EvalParams())
+    discarded = []
+    lam, model, curve, build_s = MR.choose_lambda(lambda lam: lam, [1.0, 0.5, 0.1, 0.3], scores.__getitem__,
+                                                  discard=discarded.append)
     assert lam == 0.3 and model == 0.3
+    assert sorted(discarded) == [0.1, 0.5, 1.0]  # every loser, and never the winner
+    assert build_s == curve.set_index("lam").build_s[0.3] >= 0
     assert curve.lam.tolist() == [0.1, 0.3, 0.5, 1.0]
     assert curve.val_accuracy.tolist() == [0.2, 0.7, 0.7, 0.4]
 
