@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 # Offline before anything imports huggingface_hub / transformers / datasets (the
@@ -58,3 +60,36 @@ def peaked_tiny_llama(tok, seed: int = 0):
                       num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=64, initializer_range=0.3,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     return LlamaForCausalLM(cfg).eval()
+
+
+# The smoke-profile pipeline, run once per test session in a scratch copy of the project and
+# shared by every module that checks a stage's smoke outputs (tests/test_pipeline_smoke.py and
+# the stage modules): `dvc repro` of the whole pipeline takes a few minutes, so only once.
+BIN = Path(sys.executable).parent
+
+
+def dvc(cwd: Path, *args: str) -> str:
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    proc = subprocess.run([str(BIN / "dvc"), *args], cwd=cwd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, f"dvc {' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc.stdout
+
+
+@pytest.fixture(scope="session")
+def project(tmp_path_factory) -> Path:
+    root = make_workdir(tmp_path_factory.mktemp("smoke") / "project")
+    for d in ("lib", "notebooks", "docs"):
+        shutil.copytree(REPO / d, root / d, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy2(REPO / "dvc.yaml", root / "dvc.yaml")
+    from lib.profile import apply
+
+    apply("smoke", root / "params.yaml")
+    dvc(root, "init", "--no-scm", "-q")
+    dvc(root, "repro")
+    return root
+
+
+def smoke_params(root: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load((root / "params.yaml").read_text())

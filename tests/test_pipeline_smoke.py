@@ -7,43 +7,10 @@ what a changed parameter touches.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
-import pytest
 import yaml
 
-from conftest import REPO, make_workdir
-
-BIN = Path(sys.executable).parent
-
-
-def dvc(cwd: Path, *args: str) -> str:
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
-    proc = subprocess.run([str(BIN / "dvc"), *args], cwd=cwd, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, f"dvc {' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    return proc.stdout
-
-
-@pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    root = make_workdir(tmp_path_factory.mktemp("smoke") / "project")
-    for d in ("lib", "notebooks", "docs"):
-        shutil.copytree(REPO / d, root / d, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy2(REPO / "dvc.yaml", root / "dvc.yaml")
-    from lib.profile import apply
-
-    apply("smoke", root / "params.yaml")
-    dvc(root, "init", "--no-scm", "-q")
-    dvc(root, "repro")
-    return root
-
-
-def smoke_params(root: Path) -> dict:
-    return yaml.safe_load((root / "params.yaml").read_text())
+from conftest import dvc, smoke_params  # the `project` fixture (the smoke pipeline) lives in conftest
 
 
 def test_every_stage_wrote_its_outputs(project):
