@@ -329,6 +329,37 @@ def confusion_matrix(true: Sequence[str], predicted: Sequence[str], names: Seque
     return pd.DataFrame(counts, index=pd.Index(names, name="true"), columns=pd.Index(names, name="predicted"))
 
 
+def family_mass(proba: np.ndarray, true: Sequence[str], names: Sequence[str], family: dict[str, str],
+                n_boot: int = 1000, seed: int = 0) -> dict[str, float]:
+    """Do the router's *wrong-skill* probabilities stay in the prompt's skill family?
+
+    For each prompt of true skill t with router probabilities p over ``names``, the share of
+    the probability given to other skills that lands on skills of t's family:
+    ``s = Σ_{o≠t, family(o)=family(t)} p_o / Σ_{o≠t} p_o``. Returns the mean share over prompts
+    with a 95% percentile-bootstrap interval over prompts, and ``chance``: the share expected
+    if the wrong-skill probability were spread evenly, the mean of
+    ``#(same-family others) / (len(names) - 1)``. A router whose representation groups skills
+    by family puts more than ``chance`` there, even when its top-1 answer is right.
+    """
+    names = _check_names(names)
+    proba = np.asarray(proba, dtype=np.float64)
+    if proba.shape != (len(true), len(names)):
+        raise ValueError(f"proba has shape {proba.shape}, expected ({len(true)}, {len(names)})")
+    index = {n: i for i, n in enumerate(names)}
+    shares, chances = [], []
+    for row, t in zip(proba, true):
+        others = [o for o in names if o != t]
+        same = [index[o] for o in others if family[o] == family[t]]
+        wrong = row.sum() - row[index[t]]
+        chances.append(len(same) / len(others))
+        shares.append(row[same].sum() / wrong if wrong > 0 else chances[-1])
+    shares = np.asarray(shares)
+    rng = np.random.default_rng(seed)
+    boots = shares[rng.integers(0, len(shares), size=(n_boot, len(shares)))].mean(axis=1)
+    return {"mean": float(shares.mean()), "lo": float(np.percentile(boots, 2.5)),
+            "hi": float(np.percentile(boots, 97.5)), "n": len(shares), "chance": float(np.mean(chances))}
+
+
 # --------------------------------------------------------------------------- soft mixture
 
 

@@ -20,7 +20,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from lib.evaluation import evaluate, generate
 from lib.merging import apply_merged, merge_task_vectors, task_vectors
-from lib.routing import LogitEnsemble, SoftMixture, TaskRouter, confusion_matrix
+from lib.routing import LogitEnsemble, SoftMixture, TaskRouter, confusion_matrix, family_mass
 from lib.tokenization import build_char_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -399,3 +399,20 @@ def test_ensemble_stops_rows_at_eos_and_pads(tok, models):
     assert torch.equal(out.sequences[:, ids.shape[1]:], free_new[:, :1]) and len(out.logits) == 1
     with pytest.raises(ValueError, match="greedily"):
         ens.generate(ids, mask, max_new_tokens=2, do_sample=True)
+
+
+def test_family_mass_is_the_same_family_share_of_wrong_skill_probability():
+    names = ["a1", "a2", "b1", "b2"]
+    family = {"a1": "A", "a2": "A", "b1": "B", "b2": "B"}
+    proba = np.array([[0.6, 0.3, 0.1, 0.0],    # wrong mass 0.4, same family 0.3 -> 0.75
+                      [0.0, 0.9, 0.05, 0.05],  # wrong mass 0.1, same family 0.0 -> 0.0
+                      [0.1, 0.1, 0.4, 0.4]])   # wrong mass 0.6, same family 0.4 -> 2/3
+    out = family_mass(proba, ["a1", "a2", "b1"], names, family, n_boot=200)
+    assert out["mean"] == pytest.approx((0.75 + 0.0 + 2 / 3) / 3)
+    assert out["chance"] == pytest.approx(1 / 3)  # one same-family skill among three others
+    assert out["lo"] <= out["mean"] <= out["hi"] and out["n"] == 3
+    # Evenly spread wrong-skill probability scores exactly chance.
+    even = family_mass(np.array([[0.7, 0.1, 0.1, 0.1]]), ["a1"], names, family, n_boot=100)
+    assert even["mean"] == pytest.approx(even["chance"])
+    with pytest.raises(ValueError, match="shape"):
+        family_mass(proba[:, :3], ["a1", "a2", "b1"], names, family)

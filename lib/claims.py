@@ -1,0 +1,238 @@
+"""The published claims the workbook tests, each with a verdict computed from this run's metrics.
+
+One rule decides every verdict, so a reader can check it by eye:
+
+* a claim is a comparison "A > B" (or "A < B") between two measured quantities, or between
+  a measured quantity and the paper's threshold;
+* each measured quantity carries a 95% interval [lo, hi] (a fixed threshold is its own
+  interval);
+* **held** when the two intervals do not overlap and the order is the claimed one;
+  **did not hold** when they do not overlap and the order is the opposite one;
+  **inconclusive** when they overlap, or when an input the claim needs is missing from
+  this run (the verdict then says which).
+
+Non-overlapping 95% intervals is a conservative test of a difference: it can call a real
+effect inconclusive, but it does not call noise a result.
+
+Every claim reads only the metrics JSON the stages wrote, keyed by the file's stem
+(``metrics["merge_route"]`` is ``metrics/merge_route.json``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+HELD, NOT_HELD, INCONCLUSIVE = "held", "did not hold", "inconclusive"
+
+
+@dataclass(frozen=True)
+class Interval:
+    mean: float
+    lo: float
+    hi: float
+
+    @classmethod
+    def point(cls, x: float) -> "Interval":
+        return cls(x, x, x)
+
+    @classmethod
+    def of(cls, ci: dict) -> "Interval":
+        """From the stages' CI dicts: {"mean", "lo", "hi"}."""
+        return cls(float(ci["mean"]), float(ci["lo"]), float(ci["hi"]))
+
+    def __str__(self) -> str:
+        if self.lo == self.hi == self.mean:
+            return f"{self.mean:.3g}"
+        return f"{self.mean:.3f} [{self.lo:.3f}, {self.hi:.3f}]"
+
+
+def verdict(a: Interval, b: Interval, claimed: str = ">") -> str:
+    """The rule in the module docstring: claimed order of a and b, by interval overlap."""
+    if claimed not in (">", "<"):
+        raise ValueError(f"claimed must be '>' or '<', got {claimed!r}")
+    if claimed == "<":
+        a, b = b, a
+    if a.lo > b.hi:
+        return HELD
+    if a.hi < b.lo:
+        return NOT_HELD
+    return INCONCLUSIVE
+
+
+@dataclass(frozen=True)
+class Outcome:
+    measured: str
+    verdict: str
+
+
+class MissingMetric(KeyError):
+    """A claim's input is not in this run's metrics (its stage did not run or wrote no such key)."""
+
+
+def _get(metrics: dict, *path: str):
+    node = metrics
+    for i, key in enumerate(path):
+        if not isinstance(node, dict) or key not in node:
+            where = "metrics/" + path[0] + ".json" + "".join(f"[{k!r}]" for k in path[1:i + 1])
+            raise MissingMetric(where)
+        node = node[key]
+    return node
+
+
+def _system(metrics: dict, name: str, key: str = "norm") -> Interval:
+    row = _get(metrics, "merge_route", "systems", name)
+    mean = row["norm_acc"] if key == "norm" else row[f"{key}"]
+    lo, hi = (row["norm_lo"], row["norm_hi"]) if key == "norm" else (row[f"{key}_lo"], row[f"{key}_hi"])
+    return Interval(float(mean), float(lo), float(hi))
+
+
+def _best(metrics: dict, *kinds: str) -> str:
+    """The system with the highest normalised accuracy among these kinds (oracle routing excluded:
+    it is told the skill)."""
+    rows = {n: r for n, r in _get(metrics, "merge_route", "systems").items() if r["kind"] in kinds
+            and n != "route:oracle"}
+    if not rows:
+        raise MissingMetric(f"metrics/merge_route.json: no system of kind {kinds}")
+    return max(rows, key=lambda n: rows[n]["norm_acc"])
+
+
+# ---- the claims -------------------------------------------------------------------------
+
+def selma(m: dict) -> Outcome:
+    best = _best(m, "merge", "peft_merge")
+    a, b = _system(m, best), _system(m, "joint_total_steps")
+    return Outcome(f"best merge ({best}) {a} vs joint LoRA at equal total steps {b} (normalised accuracy)",
+                   verdict(a, b, ">"))
+
+
+def routing_beats_joint(m: dict) -> Outcome:
+    best = _best(m, "router")
+    a, b = _system(m, best), _system(m, "joint_total_steps")
+    return Outcome(f"best router ({best}) {a} vs joint LoRA at equal total steps {b}", verdict(a, b, ">"))
+
+
+def task_moe_families(m: dict) -> Outcome:
+    r = _get(m, "merge_route", "router")
+    if "family_mass" in r:
+        # Router probability on wrong-skill experts: share that lands in the prompt's own family,
+        # against the share expected if wrong experts were picked regardless of family.
+        a, b = Interval.of(r["family_mass"]), Interval.point(float(r["family_mass"]["chance"]))
+        return Outcome(f"router probability on other skills that stays in the prompt's family {a} "
+                       f"vs {b} if spread regardless of family", verdict(a, b, ">"))
+    share, chance, n = r["same_family_share"], r["chance_same_family"], r["misrouted"]
+    return Outcome(f"{n} misrouted test prompts, {share:.0%} to the same family (chance {chance:.0%}); "
+                   "too few to test", INCONCLUSIVE)
+
+
+def ties_dare(m: dict) -> Outcome:
+    base = _system(m, "merge:linear")
+    parts, verdicts = [], []
+    for name in ("merge:ties", "merge:dare_ties"):
+        a = _system(m, name)
+        parts.append(f"{name.split(':')[1]} {a}")
+        verdicts.append(verdict(a, base, ">"))
+    v = HELD if all(x == HELD for x in verdicts) else NOT_HELD if all(x == NOT_HELD for x in verdicts) \
+        else INCONCLUSIVE
+    return Outcome(", ".join(parts) + f" vs plain average {base} (normalised accuracy)", v)
+
+
+def _recovery(m: dict, sparsity: float, kind: str = "graft", source: str = "full_ft") -> tuple[str, Interval]:
+    table = _get(m, "localize", "recovery", source, kind)
+    key = min(table, key=lambda s: abs(float(s) - sparsity))
+    return key, Interval.of(table[key])
+
+
+def localization_sparse(m: dict) -> Outcome:
+    key, a = _recovery(m, 1e-4)
+    return Outcome(f"graft of {float(key):.4%} of the parameters recovers {a} of the fine-tuned accuracy "
+                   "(threshold 0.95)", verdict(a, Interval.point(0.95), ">"))
+
+
+def localization_disjoint(m: dict) -> Outcome:
+    o = _get(m, "localize", "overlap")
+    a = Interval.point(float(o["mean_offdiag_jaccard"]))
+    return Outcome(f"mean Jaccard overlap between skills' masks {a} at sparsity {o['sparsity']:.4%} "
+                   "(rule: below 0.1 is nearly disjoint)", verdict(a, Interval.point(0.1), "<"))
+
+
+def localization_similarity(m: dict) -> Outcome:
+    c = _get(m, "localize", "overlap", "corr_with_behaviour")
+    a = Interval(float(c["r"]), float(c["lo"]), float(c["hi"]))
+    return Outcome(f"correlation of mask overlap with behavioural similarity {a} ({c.get('method', '')})",
+                   verdict(a, Interval.point(0.0), ">"))
+
+
+def grafting_calibration(m: dict) -> Outcome:
+    c = _get(m, "localize", "calibration")
+    a, b = Interval.of(c["ece_grafted"]), Interval.of(c["ece_finetuned"])
+    return Outcome(f"ECE grafted {a} vs fine-tuned {b} ({c['relative_reduction']:.0%} less)", verdict(a, b, "<"))
+
+
+def sequential_forgets(m: dict) -> Outcome:
+    a = Interval.of(_get(m, "continual", "strategies", "sequential_lora", "BWT"))
+    return Outcome(f"BWT of sequential LoRA fine-tuning {a}", verdict(a, Interval.point(0.0), "<"))
+
+
+def replay_reduces(m: dict) -> Outcome:
+    s = _get(m, "continual", "strategies")
+    a, b = Interval.of(_get(m, "continual", "strategies", "replay", "BWT")), Interval.of(s["sequential_lora"]["BWT"])
+    return Outcome(f"BWT with replay {a} vs sequential {b}", verdict(a, b, ">"))
+
+
+def stability_gap(m: dict) -> Outcome:
+    g = _get(m, "continual", "stability_gap", "replay")
+    depth, rec = Interval.of(g["depth"]), Interval.of(g["recovery"])
+    zero = Interval.point(0.0)
+    both = {verdict(depth, zero, ">"), verdict(rec, zero, ">")}
+    v = NOT_HELD if NOT_HELD in both else HELD if both == {HELD} else INCONCLUSIVE
+    return Outcome(f"with replay, accuracy on earlier skills drops by {depth} just after a task switch "
+                   f"and recovers by {rec} before the task ends", v)
+
+
+@dataclass(frozen=True)
+class Claim:
+    key: str
+    source: str
+    claim: str
+    reported: str
+    compute: Callable[[dict], Outcome]
+
+
+CLAIMS: list[Claim] = [
+    Claim("selma", "SELMA (Roy et al., 2024)", "skill experts + merging beat joint multi-skill training",
+          "merged LoRA experts beat one LoRA trained on all skills (knowledge conflict)", selma),
+    Claim("routing", "SELMA / task-level MoE", "skill experts + routing beat joint multi-skill training",
+          "routing to per-skill experts avoids interference", routing_beats_joint),
+    Claim("task_moe", "Task-level MoE (Kudugunta et al., 2021)", "learned routes rediscover the skill families",
+          "task-routed experts group related tasks", task_moe_families),
+    Claim("ties_dare", "TIES (Yadav et al., 2023); DARE (Yu et al., 2024)",
+          "trimming and sign election reduce interference against plain averaging",
+          "TIES and DARE merges score above averaging", ties_dare),
+    Claim("loc_sparse", "Skill localization (Panigrahi et al., 2023)", "about 0.01% of parameters carry the skill",
+          "grafting ~0.01% of parameters recovers >95% of the fine-tuned accuracy", localization_sparse),
+    Claim("loc_disjoint", "Skill localization (Panigrahi et al., 2023)", "different skills' regions are nearly disjoint",
+          "little overlap between tasks' grafting regions", localization_disjoint),
+    Claim("loc_similarity", "Skill localization (Panigrahi et al., 2023)", "region overlap tracks skill similarity",
+          "similar tasks share more of their regions", localization_similarity),
+    Claim("loc_calibration", "Skill localization (Panigrahi et al., 2023)", "grafting improves calibration",
+          "40-90% less calibration error after grafting", grafting_calibration),
+    Claim("cl_forgets", "Continual learning (e.g. De Lange et al., 2021)", "sequential fine-tuning forgets",
+          "backward transfer BWT < 0", sequential_forgets),
+    Claim("cl_replay", "Experience replay (e.g. Chaudhry et al., 2019)", "replay reduces forgetting",
+          "BWT with replay above sequential fine-tuning", replay_reduces),
+    Claim("stability_gap", "Stability gap (De Lange et al., 2023)", "a stability gap appears under per-step evaluation",
+          "earlier tasks' accuracy drops right after a switch, then recovers", stability_gap),
+]
+
+
+def evaluate_claims(metrics: dict) -> list[dict]:
+    """One row per claim: source, what was reported, what this run measured, the verdict."""
+    rows = []
+    for c in CLAIMS:
+        try:
+            out = c.compute(metrics)
+        except MissingMetric as e:
+            out = Outcome(f"not measured in this run: {e.args[0]} is missing", INCONCLUSIVE)
+        rows.append({"claim": c.claim, "source": c.source, "reported": c.reported,
+                     "measured": out.measured, "verdict": out.verdict, "key": c.key})
+    return rows

@@ -1,0 +1,195 @@
+"""Stage 07: claim verdicts follow the written rule, the headline picks the right rows, and the
+HTML report loads in headless Chromium with its tables and figures (no broken images)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import nbformat
+import pandas as pd
+import pytest
+
+from lib import claims as C
+from lib import report
+from lib.claims import HELD, INCONCLUSIVE, NOT_HELD, Interval, verdict
+
+# CI sets REQUIRE_BROWSER=1 after installing chromium: there a missing browser is a failure.
+needs_browser = pytest.mark.skipif(
+    not shutil.which("chromium") and os.environ.get("REQUIRE_BROWSER") != "1",
+    reason="Debian's chromium is not installed (apt-get install chromium; .ci/run installs it)")
+
+
+@pytest.mark.parametrize("a, b, claimed, want", [
+    ((0.5, 0.4, 0.6), (0.2, 0.1, 0.3), ">", HELD),
+    ((0.2, 0.1, 0.3), (0.5, 0.4, 0.6), ">", NOT_HELD),
+    ((0.5, 0.3, 0.6), (0.4, 0.35, 0.45), ">", INCONCLUSIVE),
+    ((0.2, 0.1, 0.3), (0.5, 0.4, 0.6), "<", HELD),
+    ((0.31, 0.31, 0.31), (0.3, 0.3, 0.3), ">", HELD),      # two points: no overlap
+    ((0.3, 0.3, 0.3), (0.3, 0.3, 0.3), ">", INCONCLUSIVE),  # equal points overlap
+])
+def test_verdict_rule_is_interval_overlap(a, b, claimed, want):
+    assert verdict(Interval(*a), Interval(*b), claimed) == want
+
+
+def ci(mean, half=0.01):
+    return {"mean": mean, "lo": mean - half, "hi": mean + half, "n": 4}
+
+
+def system(kind, norm, half=0.01):
+    return {"kind": kind, "mean_acc": norm, "mean_lo": norm - half, "mean_hi": norm + half, "norm_acc": norm,
+            "norm_lo": norm - half, "norm_hi": norm + half, "composed": 0.1, "composed_lo": 0.0,
+            "composed_hi": 0.2, "heldout": 0.05, "heldout_lo": 0.0, "heldout_hi": 0.1}
+
+
+def metrics_fixture() -> dict:
+    systems = {"base": system("base", 0.0), "joint_same_steps": system("joint", 0.5),
+               "joint_total_steps": system("joint", 0.9), "merge:linear": system("merge", 0.2),
+               "merge:ties": system("merge", 0.4), "merge:dare_ties": system("merge", 0.3),
+               "peft:svd": system("peft_merge", 0.95), "route:oracle": system("router", 1.0),
+               "route:router_top1": system("router", 0.97), "expert:a": system("expert", 0.5)}
+    return {
+        "merge_route": {"systems": systems, "router": {
+            "misrouted": 3, "same_family_share": 0.66, "chance_same_family": 0.3,
+            "family_mass": {"mean": 0.6, "lo": 0.55, "hi": 0.65, "n": 100, "chance": 0.3}}},
+        "continual": {"strategies": {"sequential_lora": {"BWT": ci(-0.5), "ACC": ci(0.3)},
+                                     "replay": {"BWT": ci(-0.1), "ACC": ci(0.7)}},
+                      "stability_gap": {"replay": {"depth": ci(0.2), "recovery": ci(0.0, 0.05),
+                                                   "min_after_switch": ci(0.5)}},
+                      "best_strategy": "replay", "tasks": {"alternating": ["a", "b"]}},
+        "localize": {"recovery": {"full_ft": {"graft": {"0.0001": ci(0.97), "0.01": ci(0.99)}}},
+                     "overlap": {"sparsity": 0.01, "mean_offdiag_jaccard": 0.3,
+                                 "corr_with_behaviour": {"r": 0.5, "lo": -0.1, "hi": 0.8, "method": "pearson"}},
+                     "calibration": {"ece_grafted": ci(0.05), "ece_finetuned": ci(0.2), "relative_reduction": 0.75},
+                     "graft_merge": {"mean_normalised": ci(0.6)}},
+    }
+
+
+def test_each_claim_is_computed_from_the_metrics():
+    rows = {r["key"]: r for r in C.evaluate_claims(metrics_fixture())}
+    assert set(rows) == {c.key for c in C.CLAIMS}
+    want = {"selma": HELD,             # peft:svd 0.95 > joint total 0.9 (best merge includes peft merges)
+            "routing": HELD,           # router_top1 0.97 > 0.9; the oracle is not a candidate
+            "task_moe": HELD,          # 0.6 [0.55, 0.65] > chance 0.3
+            "ties_dare": HELD,         # ties 0.4 and dare_ties 0.3 > linear 0.2
+            "loc_sparse": HELD,        # 0.97 [0.96, 0.98] > 0.95
+            "loc_disjoint": NOT_HELD,  # 0.3 is not below 0.1
+            "loc_similarity": INCONCLUSIVE,  # interval includes 0
+            "loc_calibration": HELD,
+            "cl_forgets": HELD, "cl_replay": HELD,
+            "stability_gap": INCONCLUSIVE}  # depth > 0 but the recovery interval includes 0
+    assert {k: r["verdict"] for k, r in rows.items()} == want
+    assert "peft:svd" in rows["selma"]["measured"] and "0.950" in rows["selma"]["measured"]
+
+
+def test_a_claim_whose_stage_did_not_run_is_inconclusive_and_says_why():
+    m = metrics_fixture()
+    del m["localize"]
+    m["continual"]["strategies"].pop("replay")
+    rows = {r["key"]: r for r in C.evaluate_claims(m)}
+    assert rows["loc_sparse"]["verdict"] == INCONCLUSIVE
+    assert "metrics/localize.json is missing" in rows["loc_sparse"]["measured"]
+    assert "['replay']" in rows["cl_replay"]["measured"]
+    assert rows["selma"]["verdict"] == HELD
+
+
+def test_task_moe_without_router_probabilities_is_inconclusive():
+    m = metrics_fixture()
+    del m["merge_route"]["router"]["family_mass"]
+    (row,) = [r for r in C.evaluate_claims(m) if r["key"] == "task_moe"]
+    assert row["verdict"] == INCONCLUSIVE and "3 misrouted" in row["measured"]
+
+
+def test_headline_rows_and_best_systems():
+    m = metrics_fixture()
+    per_skill = pd.DataFrame({"system": ["expert:a", "expert:a", "base"], "skill": ["a", "b", "a"],
+                              "accuracy": [0.9, 0.0, 0.0], "ci_low": [0.85, 0.0, 0.0], "ci_high": [0.95, 0.0, 0.0]})
+    head = report.headline(m, per_skill).set_index("system")
+    assert head.loc["expert: a", "accuracy [95% CI]"] == "0.900 [0.850, 0.950]"
+    assert "expert: b" not in head.index  # expert:a on skill b is not "its own skill"
+    assert head.loc["best merge", "what"] == "peft:svd"
+    assert head.loc["best router", "what"] == "route:router_top1"
+    assert head.loc["best continual strategy", "accuracy [95% CI]"].startswith("0.700")
+    assert {"base", "joint same steps", "joint total steps", "grafted union"} <= set(head.index)
+
+
+def test_missing_stages_leave_their_rows_out(tmp_path):
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "merge_route.json").write_text(json.dumps(metrics_fixture()["merge_route"]))
+    m = report.load_metrics(tmp_path)
+    assert list(m) == ["merge_route"]
+    head = report.headline(m)
+    assert "best continual strategy" not in set(head["system"])
+
+
+def _executed_notebook_with_figure(path):
+    import base64
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [0, 1])
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    png = base64.b64encode(buf.getvalue()).decode()
+    cell = nbformat.v4.new_code_cell("plot()", outputs=[nbformat.v4.new_output(
+        "display_data", data={"image/png": png, "text/plain": "<Figure>"})])
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# A stage"), cell])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, path)
+
+
+@needs_browser
+def test_html_report_loads_with_tables_links_and_figures(tmp_path):
+    from lib import html_check, html_report
+
+    _executed_notebook_with_figure(tmp_path / "reports" / "notebooks" / "04_merge_route.ipynb")
+    m = metrics_fixture()
+    report.write_tables(tmp_path, report.headline(m), report.claims_table(m))
+    index = html_report.build(tmp_path)
+    page = html_check.check_page(index, tmp_path / "shots")
+    assert page.screenshot.stat().st_size > 1000
+    assert page.tables == 2 and page.links == 1 and page.broken_images == 0
+    assert "Published claims" in page.text and "peft:svd" in page.text
+    stage = html_check.check_page(tmp_path / "reports" / "html" / "04_merge_route.html", tmp_path / "shots")
+    assert stage.images == 1 and stage.broken_images == 0
+
+
+@needs_browser
+def test_the_browser_check_sees_a_broken_image(tmp_path):
+    from lib import html_check
+
+    page = tmp_path / "broken.html"
+    page.write_text("<html><body><table></table><img src='missing.png'></body></html>")
+    c = html_check.check_page(page, tmp_path)
+    assert (c.tables, c.images, c.broken_images) == (1, 1, 1)
+
+
+# ---- on the smoke pipeline (the session's `project` fixture runs `dvc repro` once) -------
+
+def test_smoke_report_is_computed_from_the_run(project):
+    claims = pd.read_csv(project / "reports" / "tables" / "claims.csv", keep_default_na=False)
+    recomputed = report.claims_table(report.load_metrics(project))
+    assert list(claims["verdict"]) == list(recomputed["verdict"])
+    saved = json.loads((project / "metrics" / "report.json").read_text())
+    assert saved["claims"] == dict(zip(recomputed["key"], recomputed["verdict"]))
+
+
+@needs_browser
+def test_smoke_html_report_reads_like_a_report(project, tmp_path):
+    from lib import html_check
+
+    html_dir = project / "reports" / "html"
+    index = html_check.check_page(html_dir / "index.html", tmp_path)
+    assert index.tables == 2 and index.broken_images == 0
+    notebooks = sorted((project / "reports" / "notebooks").glob("*.ipynb"))
+    assert index.links == len(notebooks) >= 5
+    for nb in notebooks:
+        assert (html_dir / f"{nb.stem}.html").is_file()
+    page = html_check.check_page(html_dir / "04_merge_route.html", tmp_path)
+    assert page.images >= 3 and page.broken_images == 0 and page.tables >= 1
