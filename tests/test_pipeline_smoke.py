@@ -7,6 +7,7 @@ what a changed parameter touches.
 from __future__ import annotations
 
 import json
+import re
 
 import yaml
 
@@ -26,7 +27,7 @@ def test_every_stage_wrote_its_outputs(project):
         assert info["steps"] == steps
     assert (project / "models" / "base" / "model.safetensors").is_file()
     assert (project / "models" / "general" / "adapter_model.safetensors").is_file()
-    for nb in ("01_synthesize", "02_base", "03_experts", "04_merge_route"):
+    for nb in ("01_synthesize", "02_base", "03_experts", "04_merge_route", "07_report"):
         assert (project / "reports" / "notebooks" / f"{nb}.ipynb").is_file()
     assert not list(project.rglob("*.partial"))
 
@@ -82,12 +83,20 @@ def test_pipeline_is_clean_and_a_param_reruns_only_its_stages(project):
         (project / "params.yaml").write_text(original)
 
 
-def test_a_merge_parameter_reruns_only_stage_04(project):
+def test_a_merge_parameter_reruns_only_stages_04_and_07(project):
     original = (project / "params.yaml").read_text()
     try:
         params = smoke_params(project)
         params["merge_route"]["density"] = 0.5
         (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         assert set(json.loads(dvc(project, "status", "--json"))) == {"merge_route"}
+        # A dry run follows the change downstream: the report reads stage 04's metrics.
+        assert set(re.findall(r"Running stage '([^']+)'", dvc(project, "repro", "--dry"))) == {"merge_route", "report"}
     finally:
         (project / "params.yaml").write_text(original)
+
+
+def test_a_noop_repro_runs_nothing(project):
+    out = dvc(project, "repro")
+    assert "Running stage" not in out and "is cached" not in out
+    assert "Data and pipelines are up to date." in out

@@ -193,3 +193,16 @@ def test_smoke_html_report_reads_like_a_report(project, tmp_path):
         assert (html_dir / f"{nb.stem}.html").is_file()
     page = html_check.check_page(html_dir / "04_merge_route.html", tmp_path)
     assert page.images >= 3 and page.broken_images == 0 and page.tables >= 1
+
+
+def test_the_report_notebook_run_as_in_jupyterlab_gives_the_same_numbers(project, tmp_path):
+    """JupyterLab runs a notebook from notebooks/ with its own parameters cell (workdir '..'):
+    the same tables as `dvc repro`, with nothing passed in."""
+    import papermill as pm
+
+    before = (project / "metrics" / "report.json").read_text()
+    head_before = (project / "reports" / "tables" / "headline.csv").read_text()
+    pm.execute_notebook(str(project / "notebooks" / "07_report.ipynb"), str(tmp_path / "out.ipynb"),
+                        kernel_name="python3", cwd=str(project / "notebooks"), progress_bar=False)
+    assert (project / "metrics" / "report.json").read_text() == before
+    assert (project / "reports" / "tables" / "headline.csv").read_text() == head_before
