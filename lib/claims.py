@@ -37,7 +37,9 @@ class Interval:
 
     @classmethod
     def of(cls, ci: dict) -> "Interval":
-        """From the stages' CI dicts: {"mean", "lo", "hi"}."""
+        """From the stages' CI dicts: {"mean", "lo", "hi"}; a null (not computable) value is missing."""
+        if any(ci.get(k) is None for k in ("mean", "lo", "hi")):
+            raise MissingMetric(f"a value of {ci} (null: the stage could not compute it)")
         return cls(float(ci["mean"]), float(ci["lo"]), float(ci["hi"]))
 
     def __str__(self) -> str:
@@ -150,6 +152,8 @@ def localization_sparse(m: dict) -> Outcome:
 
 def localization_disjoint(m: dict) -> Outcome:
     o = _get(m, "localize", "overlap")
+    if o.get("mean_offdiag_jaccard") is None:
+        raise MissingMetric("metrics/localize.json['overlap']['mean_offdiag_jaccard'] (null)")
     a = Interval.point(float(o["mean_offdiag_jaccard"]))
     return Outcome(f"mean Jaccard overlap between skills' masks {a} at sparsity {o['sparsity']:.4%} "
                    "(rule: below 0.1 is nearly disjoint)", verdict(a, Interval.point(0.1), "<"))
@@ -157,7 +161,7 @@ def localization_disjoint(m: dict) -> Outcome:
 
 def localization_similarity(m: dict) -> Outcome:
     c = _get(m, "localize", "overlap", "corr_with_behaviour")
-    a = Interval(float(c["r"]), float(c["lo"]), float(c["hi"]))
+    a = Interval.of({"mean": c.get("r"), "lo": c.get("lo"), "hi": c.get("hi")})
     return Outcome(f"correlation of mask overlap with behavioural similarity {a} ({c.get('method', '')})",
                    verdict(a, Interval.point(0.0), ">"))
 

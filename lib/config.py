@@ -240,6 +240,175 @@ class MergeRouteParams(Section):
         return self
 
 
+CONTINUAL_STRATEGY_NAMES = ("sequential_lora", "sequential_full", "replay", "ewc", "l2", "olora",
+                            "library_merge", "library_route", "multitask")
+CONTINUAL_ORDER_NAMES = ("alternating", "grouped", "given")
+
+
+class ReplayParams(Section):
+    fraction: float = Field(0.25, ge=0, lt=1, description="share of every batch drawn from earlier tasks' rows")
+    buffer: int | None = Field(200, ge=1, description="training rows kept per finished task (null: all)")
+
+
+class EWCParams(Section):
+    lam: float = Field(1000.0, ge=0, description="penalty (λ/2) Σ F_i (θ_i − θ*_i)²")
+    fisher_n: int = Field(100, ge=1, description="training examples the diagonal Fisher is averaged over")
+    fisher_batch: int = Field(1, ge=1, description="examples per squared gradient (1: per-example Fisher)")
+
+
+class L2Params(Section):
+    lam: float = Field(1.0, ge=0, description="penalty (λ/2) Σ (θ_i − θ*_i)² towards the previous task's weights")
+
+
+class OLoRAParams(Section):
+    lam: float = Field(0.5, ge=0, description="penalty λ Σ ||A_new A_oldᵀ||_F²")
+    l2: float = Field(0.0, ge=0, description="λ₂ ||θ_new||² on the new LoRA (O-LoRA's optional term)")
+
+
+class LibraryParams(Section):
+    """The expert library: stage-03 experts merged (a lib/merging.py method) or routed."""
+
+    merge: str = "task_arithmetic"
+    lam_grid: list[float] = Field(default_factory=lambda: [0.3, 0.5, 0.7, 1.0], min_length=1,
+                                  description="λ chosen per step on the seen skills' validation prompts")
+    density: float = Field(0.3, ge=0, le=1)
+    beta: float = Field(0.02, ge=0, le=1)
+    majority_sign_method: Literal["total", "frequency"] = "total"
+    router: RouterParams = RouterParams()
+
+    @field_validator("merge")
+    @classmethod
+    def _merge(cls, v):
+        return _known_names("merge method", [v], MERGE_METHOD_NAMES)[0]
+
+    @field_validator("lam_grid")
+    @classmethod
+    def _lams(cls, v):
+        if any(x <= 0 for x in v):
+            raise ValueError(f"every λ must be > 0, got {v}")
+        return v
+
+
+class ContinualParams(Section):
+    """Stage 05: skills learned one after another; strategies, orders, budgets (lib/continual.py)."""
+
+    strategies: list[str] = Field(default_factory=lambda: list(CONTINUAL_STRATEGY_NAMES), min_length=1)
+    tasks: list[str] = Field(min_length=2, description="training skills learned in sequence")
+    orders: list[str] = Field(default_factory=lambda: ["alternating", "grouped"], min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1)
+    steps_per_task: int = Field(80, ge=1)
+    full_lr: float = Field(1e-3, gt=0, description="learning rate of sequential_full (every weight trained)")
+    eval_every: int = Field(10, ge=1, description="probe evaluation every this many steps")
+    eval_n: int = Field(32, ge=1, description="probe prompts per skill (first of the test split)")
+    gap_window: float = Field(0.5, gt=0, le=1, description="share of a task that counts as 'just after the switch'")
+    multitask_budget: Literal["cumulative", "per_task"] = "cumulative"
+    workers: int = Field(2, ge=1, description="processes (one per seed at most), one torch thread each")
+    replay: ReplayParams = ReplayParams()
+    ewc: EWCParams = EWCParams()
+    l2: L2Params = L2Params()
+    olora: OLoRAParams = OLoRAParams()
+    library: LibraryParams = LibraryParams()
+
+    @field_validator("strategies", "orders")
+    @classmethod
+    def _names(cls, v, info):
+        kind, known = {"strategies": ("continual strategy", CONTINUAL_STRATEGY_NAMES),
+                       "orders": ("task order", CONTINUAL_ORDER_NAMES)}[info.field_name]
+        return _known_names(kind, v, known)
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks(cls, v):
+        for n in v:
+            _check_skill(n)
+        if len(set(v)) != len(v):
+            raise ValueError(f"a task is listed twice: {v}")
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v):
+        if len(set(v)) != len(v):
+            raise ValueError(f"a seed is listed twice: {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _curve_fits(self):
+        window = -int(-self.gap_window * self.steps_per_task // 1)  # ceil
+        if self.eval_every > window:
+            raise ValueError(f"eval_every {self.eval_every} > gap_window · steps_per_task = {window}: no evaluation "
+                             "just after a task switch, so no stability gap; lower eval_every")
+        return self
+
+
+LOCALIZE_SOURCE_NAMES = ("full_ft", "lora")
+
+
+class LocalizeFinetuneParams(Section):
+    """Stage 06's full fine-tuning of the considered weights on one skill (lib/finetune.py)."""
+
+    steps: int = Field(400, ge=1, description="cap on optimiser steps (early stopping may end sooner)")
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(32, ge=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_length: int = Field(64, ge=8)
+    seed: int = 0
+    stop_loss: float | None = Field(0.01, gt=0, description="stop once the mean of the last stop_window logged losses is below")
+    stop_window: int = Field(3, ge=1)
+
+
+class LocalizeParams(Section):
+    """Stage 06: skill localization by grafting (Panigrahi et al. 2023), lib/localize.py."""
+
+    skills: list[str] | None = Field(None, description="skills to localize (a subset of skills.train); null: all")
+    sources: list[str] = Field(default_factory=lambda: list(LOCALIZE_SOURCE_NAMES), min_length=1)
+    sparsities: list[float] = Field(default_factory=lambda: [0.0001, 0.001, 0.01, 0.1, 0.3], min_length=1,
+                                    description="fractions of the considered parameters kept by a mask")
+    focus_sparsity: float = Field(0.1, description="sparsity of the masks used for overlap, calibration and the graft merge")
+    finetune: LocalizeFinetuneParams = LocalizeFinetuneParams()
+    mask_steps: int = Field(30, ge=0, description="optimisation steps of the grafting mask (0: the magnitude mask)")
+    mask_lr: float = Field(10.0, gt=0, description="step on the logits S, gradient scaled so its largest entry is 1")
+    mask_init: float = Field(3.0, gt=0, description="s0: S starts at +s0 on the top-|Δθ| entries, -s0 elsewhere")
+    mask_l1: float = Field(0.0, ge=0, description="weight of the sparsity regulariser mean σ(S)")
+    mask_batch_size: int = Field(32, ge=1)
+    eval_n: int = Field(200, ge=1, description="test prompts per skill for recovery and calibration (first of the split)")
+    n_perm: int = Field(1000, ge=10, description="permutations for the overlap-behaviour correlation's p-value")
+    seed: int = 0
+
+    @field_validator("skills")
+    @classmethod
+    def _skills(cls, v):
+        if v is not None:
+            if not v:
+                raise ValueError("give at least one skill, or null for all of skills.train")
+            for n in v:
+                _check_skill(n)
+            if len(set(v)) != len(v):
+                raise ValueError(f"a skill is listed twice: {v}")
+        return v
+
+    @field_validator("sources")
+    @classmethod
+    def _sources(cls, v):
+        return _known_names("localization source", v, LOCALIZE_SOURCE_NAMES)
+
+    @field_validator("sparsities")
+    @classmethod
+    def _sparsities(cls, v):
+        bad = [x for x in v if not 0 < x <= 1]
+        if bad:
+            raise ValueError(f"every sparsity must be in (0, 1] (the fraction of the considered parameters a mask keeps), got {bad}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"a sparsity is listed twice: {v}")
+        return sorted(v)
+
+    @model_validator(mode="after")
+    def _focus(self):
+        if self.focus_sparsity not in self.sparsities:
+            raise ValueError(f"focus_sparsity {self.focus_sparsity} must be one of sparsities {self.sparsities}")
+        return self
+
+
 # Section name in params.yaml -> schema. Later stages add their sections here.
 SCHEMAS: dict[str, type[Section]] = {
     "skills": SkillsParams,
@@ -248,6 +417,8 @@ SCHEMAS: dict[str, type[Section]] = {
     "experts": ExpertsParams,
     "evaluation": EvalParams,
     "merge_route": MergeRouteParams,
+    "continual": ContinualParams,
+    "localize": LocalizeParams,
 }
 
 

@@ -209,8 +209,12 @@ def save(ds: DatasetDict, path: Path) -> None:
     tmp.rename(path)
 
 
-def load(path: str | Path, splits: tuple[str, ...] = ()) -> DatasetDict:
-    """Load a dataset written by stage 01; clear error naming the path if it is missing or incomplete."""
+def load(path: str | Path, splits: tuple[str, ...] = (), verify_answers: bool = False) -> DatasetDict:
+    """Load a dataset written by stage 01; clear error naming the path if it is missing or incomplete.
+
+    ``verify_answers``: also check every stored answer of ``splits`` (all splits when none
+    are named) against the skills' solvers (:func:`verify`), so a corrupted file is an error
+    naming the file and row instead of silently wrong scores."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: dataset not found; run stage 01 (dvc repro synthesize)")
@@ -221,6 +225,8 @@ def load(path: str | Path, splits: tuple[str, ...] = ()) -> DatasetDict:
     missing = [s for s in splits if s not in ds]
     if missing:
         raise DataError(f"{path}: split(s) {missing} missing (found {list(ds)}); rerun stage 01")
+    if verify_answers:
+        verify(DatasetDict({s: ds[s] for s in (splits or list(ds))}), path)
     return ds
 
 
@@ -314,14 +320,16 @@ def synthesize_all(skills: SkillsParams, syn: SynthesizeParams, out_dir: str | P
 
 def test_sets(root: str | Path, skills: SkillsParams, split: str = "test") -> dict[str, Dataset]:
     """The evaluation sets every stage scores on: all training skills' test splits together,
-    the composed set and the held-out skills (the last two absent when not synthesized)."""
+    the composed set and the held-out skills (the last two absent when not synthesized).
+    Every reference answer is checked against the solvers first (``verify_answers``)."""
     from datasets import concatenate_datasets
 
     root = Path(root) / "datasets"
-    out = {"skills": concatenate_datasets([load(root / "skills" / s, (split,))[split] for s in skills.train])}
+    out = {"skills": concatenate_datasets([load(root / "skills" / s, (split,), verify_answers=True)[split]
+                                           for s in skills.train])}
     if (root / "composed").exists():
-        out["composed"] = load(root / "composed", (split,))[split]
-    held = [load(root / "heldout" / s, (split,))[split] for s in skills.heldout]
+        out["composed"] = load(root / "composed", (split,), verify_answers=True)[split]
+    held = [load(root / "heldout" / s, (split,), verify_answers=True)[split] for s in skills.heldout]
     if held:
         out["heldout"] = concatenate_datasets(held)
     return out

@@ -6,6 +6,7 @@ on skill j is one harness call with ``adapter_names`` set, and nothing is retrai
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -35,18 +36,60 @@ def load_with_adapters(base_dir: str | Path, dirs: dict[str, Path]):
     base, tok = load_on_device(base_dir)
     model = None
     for name, path in dirs.items():
+        path = Path(path)
         if not (path / "adapter_config.json").exists():
             raise AdapterError(f"{path}: no adapter here (adapter_config.json missing); run its stage 03 step")
+        check_adapter_files(path)
         try:
             if model is None:
                 model = PeftModel.from_pretrained(base, str(path), adapter_name=name)
             else:
                 model.load_adapter(str(path), adapter_name=name)
         except Exception as e:
-            raise AdapterError(f"{path}: cannot load adapter {name!r} onto {base_dir} ({type(e).__name__}: {e})") from None
+            raise AdapterError(f"{path}: cannot load adapter {name!r} onto {base_dir} ({type(e).__name__}: {e}); "
+                               "its rank, target modules or base model do not match (retrain it: dvc repro)") from None
+        check_adapter_keys(model, name, path)
     if model is None:
         raise AdapterError("no adapters to load")
     return model.eval(), tok
+
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def check_adapter_files(path: Path) -> None:
+    """Only safetensors adapters are loaded: peft would unpickle an ``adapter_model.bin``."""
+    if not (path / ADAPTER_WEIGHTS).is_file():
+        others = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl"))
+        found = f" (found {', '.join(others)}: pickle files, which can run code when loaded)" if others else ""
+        raise AdapterError(f"{path}: no {ADAPTER_WEIGHTS}{found}; only safetensors adapters are loaded. "
+                           "Save adapters with save_pretrained (safetensors is its default)")
+
+
+def check_adapter_keys(model, name: str, path: Path) -> None:
+    """The weights file holds exactly the LoRA matrices adapter_config.json declares.
+
+    peft only warns about declared modules missing from the file (they keep their fresh,
+    no-op initialisation) and ignores weights for modules the config does not target, so a
+    config edited by hand, or weights from another adapter, would load as a different
+    adapter without an error."""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors import safe_open
+
+    with safe_open(str(path / ADAPTER_WEIGHTS), framework="pt") as f:
+        saved = set(f.keys())
+    with warnings.catch_warnings():  # peft looks for the base's config to decide about embedding layers
+        warnings.filterwarnings("ignore", message="Could not find a config file")
+        declared = set(get_peft_model_state_dict(model, adapter_name=name))
+    missing, extra = sorted(declared - saved), sorted(saved - declared)
+    if missing or extra:
+        def show(keys):
+            return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+        parts = ([f"adapter_config.json targets modules with no weights in the file ({show(missing)})"] if missing else []) + \
+                ([f"the file has weights for modules adapter_config.json does not target ({show(extra)})"] if extra else [])
+        raise AdapterError(f"{path / ADAPTER_WEIGHTS}: does not match {path / 'adapter_config.json'} for adapter "
+                           f"{name!r}: {'; '.join(parts)}. Retrain the adapter (dvc repro) or restore its config")
 
 
 def score_matrix(model, tok, tests, names: list[str], ev, progress: bool = True) -> pd.DataFrame:

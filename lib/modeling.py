@@ -42,9 +42,41 @@ def load_causal_lm(name_or_path: str | Path, trust_remote_code: bool = False, dt
             str(name_or_path), trust_remote_code=trust_remote_code, use_safetensors=True, dtype=dtype
         )
     except Exception as e:
-        raise ModelLoadError(_explain(name_or_path, "model", e)) from None
+        raise ModelLoadError(_weights_problem(name_or_path) or _explain(name_or_path, "model", e)) from None
     model.eval()
     return model, tok
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _weights_problem(name_or_path) -> str | None:
+    """After a failed load from a local directory: the weights file at fault, named, or None.
+
+    Only safetensors are loaded (a pickle can run code when unpickled), so a directory with
+    only pickle weights is refused by name, and a truncated or corrupt ``*.safetensors``
+    file is named with its header error."""
+    path = Path(str(name_or_path))
+    if not path.is_dir():
+        return None
+    safes = sorted(path.glob("*.safetensors"))
+    if not safes:
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            return (f"{path}: only pickle weights ({', '.join(pickles)}), no *.safetensors; this project loads "
+                    "safetensors only, since unpickling can run code. Convert once, where you trust the file: "
+                    "load it and save_pretrained(dir, safe_serialization=True)")
+        return None
+    from safetensors import safe_open
+
+    for f in safes:
+        try:
+            with safe_open(str(f), framework="pt") as handle:
+                list(handle.keys())
+        except Exception as e:  # safetensors raises its own error type for a bad header
+            return (f"{f}: not a readable safetensors file ({type(e).__name__}: {e}); it is truncated or corrupt: "
+                    "write it again (rerun the stage that made it, e.g. dvc repro base) or fetch it again")
+    return None
 
 
 def _explain(name_or_path, what: str, err: Exception) -> str:

@@ -25,6 +25,10 @@ def load_metrics(root: str | Path) -> dict:
 
 
 def _ci(mean, lo, hi) -> str:
+    if mean is None:  # a metric the stage could not compute (written as null, e.g. a ratio over 0)
+        return "n/a"
+    if lo is None or hi is None:
+        return f"{mean:.3f}"
     return f"{mean:.3f} [{lo:.3f}, {hi:.3f}]"
 
 

@@ -81,19 +81,19 @@ def lambda_sweep(sweep: pd.DataFrame):
     return fig, cap
 
 
-def stability_gap(curves: pd.DataFrame, strategy: str | None = None):
-    """Accuracy on every skill against training step, one panel per strategy shown, with the
-    task switches as vertical lines (averaged over seeds, first order)."""
+def stability_gap(curves: pd.DataFrame, strategies: tuple[str, ...] = ("sequential_lora", "replay", "ewc", "olora")):
+    """Accuracy on every skill against training step, one panel per strategy, with the task
+    switches (the first step of each task) as dashed lines; seeds averaged, first order only."""
     set_style()
     order = curves["order"].iloc[0]
     data = curves[curves["order"] == order]
-    strategies = [strategy] if strategy else list(dict.fromkeys(data["strategy"]))[:4]
-    fig, axes = plt.subplots(1, len(strategies), figsize=(4.2 * len(strategies), 3.4), sharey=True, squeeze=False)
-    for ax, s in zip(axes[0], strategies):
+    shown = [s for s in strategies if s in set(data["strategy"])] or list(dict.fromkeys(data["strategy"]))[:4]
+    fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown), 3.4), sharey=True, squeeze=False)
+    for ax, s in zip(axes[0], shown):
         d = data[data["strategy"] == s]
         sns.lineplot(d, x="step", y="accuracy", hue="skill", ax=ax, errorbar=None, legend=ax is axes[0][-1])
-        if "task_start" in d.columns:
-            for x in sorted(d["task_start"].dropna().unique())[1:]:
+        if "task" in d.columns:
+            for x in sorted(d.groupby("task")["step"].min())[1:]:
                 ax.axvline(x, color="gray", linestyle="--", linewidth=0.8)
         ax.set_title(s)
     return fig, (f"Accuracy on each skill while the tasks of order '{order}' arrive one by one (dashed: task "

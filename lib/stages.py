@@ -22,6 +22,9 @@ STAGES: dict[str, Stage] = {
         Stage("base", "02_base.ipynb", ("skills", "model", "evaluation")),
         Stage("experts", "03_experts.ipynb", ("skills", "experts", "evaluation")),
         Stage("merge_route", "04_merge_route.ipynb", ("skills", "experts", "evaluation", "merge_route")),
+        Stage("continual", "05_continual.ipynb", ("skills", "experts", "evaluation", "continual")),
+        Stage("localize", "06_localize.ipynb", ("skills", "experts", "evaluation", "localize")),
+        Stage("report", "07_report.ipynb", ()),
     ]
 }
 

@@ -31,7 +31,7 @@ BUDGETS = ("same_steps", "total_steps")
 
 
 def joint_train_set(skill_names: list[str], root: Path, seed: int):
-    parts = [data.load(root / "datasets" / "skills" / s, ("train",))["train"] for s in skill_names]
+    parts = [data.load(root / "datasets" / "skills" / s, ("train",), verify_answers=True)["train"] for s in skill_names]
     return concatenate_datasets(parts).shuffle(seed=seed)
 
 
@@ -74,7 +74,7 @@ def run(name: str, budget: str | None = None, root: str | Path = ".", params: st
     else:
         if name not in skills.train:
             raise config.ParamsError(f"{name!r} is not a training skill, 'joint' or 'general'; skills.train is {skills.train}")
-        train = data.load(root / "datasets" / "skills" / name, ("train",))["train"]
+        train = data.load(root / "datasets" / "skills" / name, ("train",), verify_answers=True)["train"]
         steps = e.steps
         out = root / "models" / "experts" / name
     resolved["steps"] = steps

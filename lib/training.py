@@ -6,9 +6,11 @@ and GPU (bf16 on CUDA, fp32 on CPU).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -62,6 +64,12 @@ class LossThresholdStop(TrainerCallback):
         self.losses: list[float] = []
         self.stopped_at: int | None = None
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        # A run resumed from a checkpoint starts with the losses logged before it (the
+        # trainer restores log_history first), so the window is the uninterrupted run's.
+        self.losses = [float(h["loss"]) for h in state.log_history if "loss" in h]
+        return control
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
             self.losses.append(float(logs["loss"]))
@@ -105,14 +113,109 @@ def sft_rows(ds: Dataset) -> Dataset:
                   remove_columns=[c for c in ds.column_names if c not in ("prompt",)])
 
 
+# ------------------------------------------------------------------ checkpoints and resuming
+
+CHECKPOINTS_PER_RUN = 10
+"""A resumable checkpoint about every tenth of the step cap (see :func:`default_save_steps`)."""
+
+RESUME_KEY = "resume.json"
+
+
+def default_save_steps(steps: int) -> int:
+    """Checkpoint interval: a multiple of the logging interval (``steps // 50``), about a tenth
+    of ``steps``. Being a multiple of the logging interval matters: the trainer averages the
+    loss over the steps since the last log, and that running sum is not in a checkpoint, so
+    a resume from a step between two logs would log (and early-stop on) a different loss."""
+    log_every = max(1, steps // 50)
+    return log_every * max(1, math.ceil(steps / CHECKPOINTS_PER_RUN / log_every))
+
+
+def _file_digest(path: Path, whole_below: int = 256 << 20) -> str:
+    """sha256 of a file (of its size, first and last MiB when it is larger than ``whole_below``)."""
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        if size <= whole_below:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        else:
+            h.update(str(size).encode())
+            h.update(f.read(1 << 20))
+            f.seek(-(1 << 20), 2)
+            h.update(f.read(1 << 20))
+    return h.hexdigest()
+
+
+def run_key(base_dir: Path, train: Dataset, e, steps: int, seed: int, resolved_params: dict | None) -> dict:
+    """Everything that decides a LoRA run's result: a checkpoint is resumed only under an equal key."""
+    import peft
+    import transformers
+    import trl
+
+    device, dtype = pick_device()
+    base = Path(base_dir)
+    files = sorted(p for p in base.iterdir() if p.is_file()) if base.is_dir() else []
+    rows = json.dumps(train.to_dict(), sort_keys=True, ensure_ascii=False).encode()
+    return {
+        "params": resolved_params or {}, "experts": e.model_dump(mode="json"), "steps": steps, "seed": seed,
+        "save_steps": default_save_steps(steps), "data_sha256": hashlib.sha256(rows).hexdigest(),
+        "base": {p.name: _file_digest(p) for p in files}, "device": device.type, "dtype": str(dtype),
+        "versions": {m.__name__: m.__version__ for m in (torch, transformers, trl, peft)},
+    }
+
+
+def last_checkpoint(trainer_dir: Path) -> Path | None:
+    """The newest complete ``checkpoint-<step>`` under ``trainer_dir``, else None. The trainer
+    writes ``trainer_state.json`` last, so a checkpoint cut short by a kill lacks a readable one."""
+    found = []
+    for d in Path(trainer_dir).glob("checkpoint-*"):
+        try:
+            step = int(d.name.split("-", 1)[1])
+            state = json.loads((d / "trainer_state.json").read_text())
+        except (ValueError, OSError, json.JSONDecodeError):
+            continue
+        if state.get("global_step") == step and (d / "adapter_model.safetensors").is_file():
+            found.append((step, d))
+    return max(found)[1] if found else None
+
+
+def _resumable(tmp: Path, key: dict) -> tuple[Path | None, str]:
+    """(checkpoint to resume from or None, why not)."""
+    if not tmp.exists():
+        return None, "no earlier partial run"
+    try:
+        saved = json.loads((tmp / RESUME_KEY).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None, f"{tmp / RESUME_KEY} missing or unreadable"
+    if saved != key:
+        diff = sorted(k for k in set(saved) | set(key) if saved.get(k) != key.get(k))
+        return None, f"it was made with other inputs ({', '.join(diff)} differ)"
+    ckpt = last_checkpoint(tmp / "trainer")
+    return (ckpt, "") if ckpt else (None, "it holds no complete checkpoint")
+
+
+def _say(msg: str) -> None:
+    print(f"train_lora: {msg}", file=sys.stderr, flush=True)
+
+
 def train_lora(base_dir: Path, train: Dataset, e, steps: int, seed: int, out_dir: Path, progress: bool = True,
-               resolved_params: dict | None = None) -> dict:
+               resolved_params: dict | None = None, save_steps: int | None = None) -> dict:
     """Train one LoRA adapter with trl's SFTTrainer; save it with save_pretrained under ``out_dir``.
 
     ``train`` has prompt/answer rows (loss on the answer only) or, for the general adapter
     GenKnowSub subtracts, a ``text`` column (plain language modelling on every token).
     Written to ``out_dir.partial`` first and renamed at the end, so a killed run never
     leaves a directory that looks like a finished adapter.
+
+    Checkpoints (adapter, optimizer, scheduler, RNG and trainer state; every ``save_steps``,
+    default :func:`default_save_steps`) go to ``out_dir.partial/trainer``. A run that finds a
+    partial run made with the same inputs (:func:`run_key`: params, data, base weights,
+    device, library versions) resumes from its last checkpoint with the trainer's
+    ``resume_from_checkpoint``, which restores the data order and RNG states, so the result
+    equals an uninterrupted run's; any other partial run is deleted and training starts
+    clean (both said on stderr). The trainer reads optimizer/scheduler/RNG states with
+    ``torch.load(weights_only=True)`` (tensors and plain containers only, no arbitrary pickle);
+    weights are safetensors.
     """
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
@@ -123,10 +226,23 @@ def train_lora(base_dir: Path, train: Dataset, e, steps: int, seed: int, out_dir
     lora = LoraConfig(r=e.rank, lora_alpha=e.alpha, lora_dropout=e.dropout, target_modules=list(e.target_modules),
                       task_type="CAUSAL_LM", bias="none")
     tmp = Path(str(out_dir) + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+    key = run_key(base_dir, train, e, steps, seed, resolved_params)
+    if save_steps is not None:
+        key["save_steps"] = int(save_steps)
+    checkpoint, why_not = _resumable(tmp, key)
+    if checkpoint is None:
+        if tmp.exists():
+            _say(f"{tmp}: not resuming, {why_not}; starting clean")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        (tmp / RESUME_KEY).write_text(json.dumps(key, indent=2, sort_keys=True))
+    else:
+        _say(f"resuming from {checkpoint}")
     try:
+        trainer_args = _common_args(tmp / "trainer", steps, e.lr, e.batch_size, seed, e.weight_decay, progress=progress)
+        trainer_args.update(save_strategy="steps", save_steps=key["save_steps"], save_total_limit=1)
         args = SFTConfig(
-            **_common_args(tmp / "trainer", steps, e.lr, e.batch_size, seed, e.weight_decay, progress=progress),
+            **trainer_args,
             completion_only_loss=not plain_text, max_length=e.max_length, packing=False,
             # trl turns activation checkpointing on by default; at this size recomputing the
             # forward in the backward pass costs more than the memory it saves.
@@ -137,9 +253,10 @@ def train_lora(base_dir: Path, train: Dataset, e, steps: int, seed: int, out_dir
         trainer = SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tok, peft_config=lora,
                              callbacks=[stop] if stop else None)
         t0 = time.perf_counter()
-        trainer.train()
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         seconds = time.perf_counter() - t0
         shutil.rmtree(tmp / "trainer", ignore_errors=True)
+        (tmp / RESUME_KEY).unlink(missing_ok=True)
         trainer.model.save_pretrained(str(tmp))
         hist = loss_history(trainer)
         hist.to_csv(tmp / "train_loss.csv", index=False)
@@ -149,6 +266,7 @@ def train_lora(base_dir: Path, train: Dataset, e, steps: int, seed: int, out_dir
             "trainable_params": count_parameters(trainer.model, trainable_only=True),
             "final_loss": float(hist["loss"].iloc[-1]) if len(hist) else math.nan,
             "examples_seen": trainer.state.global_step * e.batch_size, "train_examples": len(train),
+            "resumed_from_step": int(checkpoint.name.split("-", 1)[1]) if checkpoint else None,
         }
         (tmp / "train_info.json").write_text(json.dumps(info, indent=2))
         # The params that produced this adapter travel with it.
@@ -156,6 +274,11 @@ def train_lora(base_dir: Path, train: Dataset, e, steps: int, seed: int, out_dir
         shutil.rmtree(out_dir, ignore_errors=True)
         tmp.rename(out_dir)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        # Keep a partial run that has a checkpoint to resume from (it holds no adapter files,
+        # and DVC and git ignore *.partial); drop anything else.
+        if last_checkpoint(tmp / "trainer") is None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            _say(f"stopped; {tmp} keeps checkpoint {last_checkpoint(tmp / 'trainer').name} for a resume")
         raise
     return info

@@ -9,6 +9,7 @@ from pathlib import Path
 
 # Offline before anything imports huggingface_hub / transformers / datasets (the
 # papermill kernels started by the tests inherit this environment too).
+os.environ["DVC_NO_ANALYTICS"] = "1"  # dvc init in a scratch project would otherwise send usage analytics
 for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ[_var] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

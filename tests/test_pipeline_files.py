@@ -80,7 +80,9 @@ def test_readme_path_filter():
 
 # Training steps are plain commands (no notebook): one per skill or budget, run by foreach.
 SINGLE_TRAINING_STEPS = {"general"}  # one run, not one per skill
-TRAINING_STEPS = {"expert", "joint", *SINGLE_TRAINING_STEPS}
+# Training steps with their own module: stage 06's full fine-tuning (lib/finetune.py).
+MODULE_OF_STEP = {"finetune": "lib.finetune"}
+TRAINING_STEPS = {"expert", "joint", *SINGLE_TRAINING_STEPS, *MODULE_OF_STEP}
 
 
 def _notebook_stages() -> dict:
@@ -95,8 +97,8 @@ def test_training_steps_run_train_expert_and_never_a_notebook():
         else:
             assert "foreach" in raw[name] or "matrix" in raw[name], f"{name}: one DVC stage per skill/budget"
             do = raw[name]["do"]
-        assert shlex.split(do["cmd"])[:3] == ["python", "-m", "lib.train_expert"]
-        assert [_entry(p) for p in do["params"]][0] == "experts"
+        assert shlex.split(do["cmd"])[:3] == ["python", "-m", MODULE_OF_STEP.get(name, "lib.train_expert")]
+        assert [_entry(p) for p in do["params"]][0].split(".")[0] == "experts"
         for dep in do["deps"]:
             assert not dep.startswith("notebooks/"), f"{name} must not depend on a notebook"
             if "${" not in dep:

@@ -206,3 +206,13 @@ def test_the_report_notebook_run_as_in_jupyterlab_gives_the_same_numbers(project
                         kernel_name="python3", cwd=str(project / "notebooks"), progress_bar=False)
     assert (project / "metrics" / "report.json").read_text() == before
     assert (project / "reports" / "tables" / "headline.csv").read_text() == head_before
+
+
+def test_null_metrics_are_not_measured_rather_than_a_crash():
+    m = metrics_fixture()
+    m["localize"]["overlap"]["corr_with_behaviour"] = {"r": None, "lo": None, "hi": None, "method": "spearman"}
+    m["continual"]["strategies"]["replay"]["ACC"] = {"mean": None, "lo": None, "hi": None, "n": 0}
+    rows = {r["key"]: r for r in C.evaluate_claims(m)}
+    assert rows["loc_similarity"]["verdict"] == INCONCLUSIVE and "null" in rows["loc_similarity"]["measured"]
+    head = report.headline(m).set_index("system")
+    assert head.loc["best continual strategy", "accuracy [95% CI]"] == "n/a"

@@ -1,0 +1,590 @@
+"""Reliability (issue 8): bad params, corrupt inputs, interrupted work, determinism, safety.
+
+Each failure mode must stop with one clear message naming the key or file (never a silent
+wrong result), an interrupted training run must leave nothing DVC takes as complete and
+resume to the same adapter, reruns must give the same numbers, and nothing unsafe (pickle,
+remote code, network) may be used by the default profile. What tests/test_config.py,
+tests/test_training.py and tests/test_synthesize.py already check at the function level
+is not repeated; these tests go through the commands the pipeline runs.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import pickle
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from datasets import DatasetDict
+
+from conftest import BIN, REPO, dvc, peaked_tiny_llama, smoke_params
+from lib import config, data, experts, run_stage, train_expert, training
+from lib.config import ExpertsParams, SkillsParams, SynthesizeParams
+from lib.modeling import ModelLoadError, load_causal_lm
+from lib.stages import STAGES
+from lib.tokenization import build_char_tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _set(raw: dict, dotted: str, value) -> dict:
+    raw = copy.deepcopy(raw)
+    *parents, last = dotted.split(".")
+    node = raw
+    for p in parents:
+        node = node.setdefault(p, {})
+    node[last] = value
+    return raw
+
+
+def _default(section: str, field: str):
+    f = config.SCHEMAS[section].model_fields[field]
+    return f.default_factory() if f.default_factory else f.default
+
+
+def _needs(section: str):
+    return pytest.mark.skipif(section not in config.SCHEMAS, reason=f"params section {section!r} has no schema yet")
+
+
+# --------------------------------------------------------------------------- 1. params
+
+TRAIN = yaml.safe_load((REPO / "params.yaml").read_text())["skills"]["train"]
+
+def _row(id_: str, key: str, value, needles: list[str]):
+    section = key.split(".")[0]
+    return pytest.param(key, value, needles, id=id_, marks=_needs(section))
+
+
+def _known_strategies() -> list[str]:
+    return list(_default("continual", "strategies")) if "continual" in config.SCHEMAS else []
+
+
+# One row per kind of bad value: (id, dotted key, bad value, what the message must also say).
+BAD_PARAMS = [
+    _row("typo key", "experts.rnak", 8, ["unknown key", "allowed keys", "rank", "alpha", "target_modules"]),
+    _row("nested typo key", "merge_route.router.eopchs", 5, ["unknown key", "epochs", "top_k"]),
+    _row("wrong type", "experts.rank", "eight", ["'eight'", "valid integer"]),
+    _row("wrong type, list", "merge_route.merges", "ties", ["'ties'", "valid list"]),
+    _row("negative rate", "experts.lr", -0.001, ["-0.001", "greater than 0"]),
+    _row("negative rate, base", "model.lr", -1.0, ["-1.0", "greater than 0"]),
+    _row("negative rate, router", "merge_route.router.lr", -0.01, ["-0.01", "greater than 0"]),
+    _row("rank 0", "experts.rank", 0, ["bad value 0", "greater than or equal to 1"]),
+    _row("svd rank 0", "merge_route.svd_rank", 0, ["bad value 0", "greater than or equal to 1"]),
+    _row("dropout 1", "experts.dropout", 1.0, ["1.0", "less than 1"]),
+    _row("unknown skill", "skills.train", [*TRAIN, "revrse"], ["unknown skill 'revrse'", "known skills", "reverse", "mindigit"]),
+    _row("unknown merge method", "merge_route.merges", ["ties", "tie"], ["unknown merge method ['tie']", *config.MERGE_METHOD_NAMES]),
+    _row("unknown route method", "merge_route.routers", ["oracle", "rooter"], ["unknown router ['rooter']", *config.ROUTER_NAMES]),
+    _row("unknown peft merge", "merge_route.peft_merges", ["concat"], ["unknown peft combination type ['concat']", "cat", "svd"]),
+    _row("unknown continual method", "continual.strategies", ["nope"], ["'nope'", "known", *_known_strategies()]),
+    _row("empty skill list", "skills.train", [], ["bad value []", "at least 1 item"]),
+    _row("sparsity 0", "localize.sparsities", [0.0, 0.1], ["0.0", "(0, 1]"]),
+    _row("sparsity above 1", "localize.sparsities", [1.5], ["1.5", "(0, 1]"]),
+    _row("density above 1", "merge_route.density", 1.2, ["1.2", "less than or equal to 1"]),
+]
+
+
+def _stage_reading(section: str) -> str | None:
+    return next((name for name, st in STAGES.items() if section in st.sections), None)
+
+
+@pytest.mark.parametrize("key,value,needles", BAD_PARAMS)
+def test_bad_param_stops_the_stage_with_one_message(workdir, capsys, key, value, needles):
+    params = workdir / "params.yaml"
+    raw = yaml.safe_load(params.read_text())
+    section = key.split(".")[0]
+    stage = _stage_reading(section)
+    if section not in raw or stage is None:
+        # A section with a schema but no stage or no default yet: validated the same way.
+        with pytest.raises(config.ParamsError) as e:
+            config.validate_section(section, _set(raw.get(section) or {}, key.split(".", 1)[1], value), str(params))
+        err, rc = f"error: {e.value}\n", 2
+    else:
+        params.write_text(yaml.safe_dump(_set(raw, key, value), sort_keys=False))
+        rc = run_stage.main([stage, "--workdir", str(workdir)])
+        err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, f"one message, got:\n{err}"
+    msg = lines[0]
+    assert msg.startswith(f"error: {params}: "), msg
+    assert key in msg, f"{key!r} not in {msg!r}"
+    for needle in needles:
+        assert needle in msg, f"{needle!r} not in {msg!r}"
+    # Validation comes before any work.
+    for out in ("reports", "models", "datasets", "metrics"):
+        assert not (workdir / out).exists(), out
+
+
+def test_bad_param_stops_a_training_step_with_one_message(workdir, capsys, monkeypatch):
+    params = workdir / "params.yaml"
+    params.write_text(yaml.safe_dump(_set(yaml.safe_load(params.read_text()), "experts.lr", -0.5), sort_keys=False))
+    monkeypatch.chdir(workdir)
+    assert train_expert.main([TRAIN[0]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: params.yaml: experts.lr: bad value -0.5"), err
+    assert not (workdir / "models").exists()
+
+
+# --------------------------------------------------------------------------- 2. corrupt inputs
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict:
+    """A saved tiny base and one valid rank-4 adapter on q_proj/v_proj (random, non-zero)."""
+    from peft import LoraConfig, get_peft_model
+
+    root = tmp_path_factory.mktemp("tiny")
+    tok = build_char_tokenizer()
+    base = peaked_tiny_llama(tok)
+    base.save_pretrained(str(root / "base"))
+    tok.save_pretrained(str(root / "base"))
+    torch.manual_seed(0)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(peaked_tiny_llama(tok), cfg).save_pretrained(str(root / "adapter"))
+    return {"root": root, "base": root / "base", "adapter": root / "adapter", "tok": tok}
+
+
+def test_truncated_base_weights_name_the_file(tiny, tmp_path):
+    bad = tmp_path / "base"
+    shutil.copytree(tiny["base"], bad)
+    f = bad / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(ModelLoadError) as e:
+        load_causal_lm(bad)
+    msg = str(e.value)
+    assert msg.startswith(f"{f}: not a readable safetensors file"), msg
+    assert "truncated or corrupt" in msg
+
+
+def test_pickle_only_base_is_refused_without_unpickling(tiny, tmp_path, monkeypatch):
+    d = tmp_path / "pickled"
+    shutil.copytree(tiny["base"], d)
+    state = {k: v.clone() for k, v in load_causal_lm(tiny["base"])[0].state_dict().items()}
+    (d / "model.safetensors").unlink()
+    torch.save(state, d / "pytorch_model.bin")
+
+    def no_unpickling(*a, **k):
+        raise AssertionError("torch.load was called on a pickle")
+
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    with pytest.raises(ModelLoadError) as e:
+        load_causal_lm(d)
+    msg = str(e.value)
+    assert str(d) in msg and "pytorch_model.bin" in msg and "safetensors only" in msg, msg
+
+
+def _edited_adapter(tiny, tmp_path, name: str, **config_changes) -> Path:
+    d = tmp_path / name
+    shutil.copytree(tiny["adapter"], d)
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    cfg.update(config_changes)
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+    return d
+
+
+@pytest.mark.parametrize("name,changes,needles", [
+    ("rank_8_config_rank_4_weights", {"r": 8}, ["size mismatch", "[4, 32]", "[8, 32]"]),
+    ("rank_2_config_rank_4_weights", {"r": 2}, ["size mismatch"]),
+    ("config_adds_k_proj", {"target_modules": ["q_proj", "v_proj", "k_proj"]},
+     ["adapter_config.json targets modules with no weights in the file", "k_proj"]),
+    ("config_drops_v_proj", {"target_modules": ["q_proj"]},
+     ["the file has weights for modules adapter_config.json does not target", "v_proj"]),
+    ("target_not_in_base", {"target_modules": ["c_attn"]}, ["c_attn", "not found in the base model"]),
+])
+def test_adapter_not_matching_its_base_or_config_is_an_error(tiny, tmp_path, name, changes, needles):
+    d = _edited_adapter(tiny, tmp_path, name, **changes)
+    with pytest.raises(experts.AdapterError) as e:
+        experts.load_with_adapters(tiny["base"], {"good": tiny["adapter"], "bad": d})
+    msg = str(e.value)
+    assert str(d) in msg, msg
+    for needle in needles:
+        assert needle in msg, f"{needle!r} not in {msg!r}"
+
+
+def test_the_unedited_adapter_loads_with_its_weights(tiny):
+    from safetensors.torch import load_file
+
+    model, _ = experts.load_with_adapters(tiny["base"], {"good": tiny["adapter"]})
+    saved = load_file(str(tiny["adapter"] / "adapter_model.safetensors"))
+    state = model.state_dict()
+    assert len(saved) == 4  # q_proj and v_proj, A and B
+    for key, value in saved.items():
+        assert torch.equal(state[key.replace(".weight", ".good.weight")], value), key
+
+
+def test_pickle_adapter_is_refused_without_unpickling(tiny, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    d = tmp_path / "pickled_adapter"
+    d.mkdir()
+    shutil.copy2(tiny["adapter"] / "adapter_config.json", d)
+    torch.save(load_file(str(tiny["adapter"] / "adapter_model.safetensors")), d / "adapter_model.bin")
+
+    def no_unpickling(*a, **k):
+        raise AssertionError("torch.load was called on a pickle")
+
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    with pytest.raises(experts.AdapterError) as e:
+        experts.load_with_adapters(tiny["base"], {"pickled": d})
+    msg = str(e.value)
+    assert str(d) in msg and "adapter_model.bin" in msg and "only safetensors adapters are loaded" in msg
+
+
+def test_dataset_with_a_missing_split_stops_the_training_step(workdir, capsys, monkeypatch):
+    skills = SkillsParams(**yaml.safe_load((workdir / "params.yaml").read_text())["skills"])
+    ds = data.skill_splits(TRAIN[0], skills, SynthesizeParams(n_train=8, n_val=2, n_test=2))
+    path = workdir / "datasets" / "skills" / TRAIN[0]
+    data.save(DatasetDict({"validation": ds["validation"], "test": ds["test"]}), path)
+    monkeypatch.chdir(workdir)
+    capsys.readouterr()  # the progress bars of the save above
+    assert train_expert.main([TRAIN[0]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0] == (f"error: datasets/skills/{TRAIN[0]}: split(s) ['train'] missing "
+                      "(found ['validation', 'test']); rerun stage 01"), err
+    assert not (workdir / "models").exists()
+
+
+def test_wrong_answer_in_a_test_set_is_caught_before_scoring(tmp_path):
+    skills = SkillsParams(train=["reverse", "upper"])
+    syn = SynthesizeParams(n_train=4, n_val=2, n_test=6)
+    for s in skills.train:
+        data.save(data.skill_splits(s, skills, syn), tmp_path / "datasets" / "skills" / s)
+    assert len(data.test_sets(tmp_path, skills)["skills"]) == 12  # intact: loads
+    path = tmp_path / "datasets" / "skills" / "upper"
+    ds = data.load(path)
+    answers = list(ds["test"]["answer"])
+    answers[3] = answers[3].lower()
+    data.save(DatasetDict({**ds, "test": ds["test"].remove_columns("answer").add_column("answer", answers)}), path)
+    with pytest.raises(data.DataError) as e:
+        data.test_sets(tmp_path, skills)
+    msg = str(e.value)
+    assert msg.startswith(f"{path} [test row 3]: answer {answers[3]!r}"), msg
+    assert "the solver says" in msg
+
+
+def test_failing_notebook_cell_fails_the_stage_with_the_cells_error(project, tmp_path, capsys):
+    """Stage 03 on a copy of the smoke project whose test set holds a wrong answer."""
+    root = tmp_path / "project"
+    shutil.copytree(project, root, ignore=shutil.ignore_patterns(".dvc"))
+    skill = smoke_params(root)["skills"]["train"][0]
+    path = root / "datasets" / "skills" / skill
+    ds = data.load(path)
+    answers = list(ds["test"]["answer"])
+    answers[0] = answers[0] + "7"
+    data.save(DatasetDict({**ds, "test": ds["test"].remove_columns("answer").add_column("answer", answers)}), path)
+    before = (root / "metrics" / "experts.json").read_bytes()
+    rc = run_stage.main(["experts", "--workdir", str(root)])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "stage 'experts' failed in a notebook cell" in err
+    # The notebook reads datasets relative to the workdir.
+    assert "DataError" in err and f"datasets/skills/{skill} [test row 0]" in err and repr(answers[0]) in err
+    assert (root / "metrics" / "experts.json").read_bytes() == before  # no new metrics from a failed run
+
+
+# --------------------------------------------------------------------------- 3. interrupted work
+
+
+EXPERT = ExpertsParams(rank=4, alpha=8, target_modules=["q_proj", "v_proj"], steps=12, lr=1e-2, batch_size=4,
+                       max_length=32, seed=0)
+
+
+@pytest.fixture(scope="module")
+def lora_inputs(tiny):
+    skills = SkillsParams(train=["reverse", "upper"])
+    train = data.skill_splits("reverse", skills, SynthesizeParams(n_train=12, n_val=1, n_test=2))["train"]
+    return tiny["base"], train  # 12 rows, batch 4: 3 steps per epoch
+
+
+def _weights(d: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(d / "adapter_model.safetensors"))
+
+
+def _interrupt_at(monkeypatch, step: int):
+    import trl
+
+    real = trl.SFTTrainer.training_step
+    calls = {"n": 0}
+
+    def training_step(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == step:
+            raise KeyboardInterrupt(f"killed at step {step}")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(trl.SFTTrainer, "training_step", training_step)
+    return lambda: monkeypatch.setattr(trl.SFTTrainer, "training_step", real)
+
+
+def test_interrupted_lora_run_resumes_to_the_same_adapter(lora_inputs, tmp_path, monkeypatch, capsys):
+    base, train = lora_inputs
+    ref = training.train_lora(base, train, EXPERT, 12, 0, tmp_path / "ref", progress=False, save_steps=4)
+    assert ref["resumed_from_step"] is None
+
+    out = tmp_path / "run"
+    restore = _interrupt_at(monkeypatch, 7)  # steps 1-6 done, checkpoint-4 saved (mid-epoch: epoch 2, batch 1)
+    with pytest.raises(KeyboardInterrupt):
+        training.train_lora(base, train, EXPERT, 12, 0, out, progress=False, save_steps=4)
+    restore()
+    partial = Path(f"{out}.partial")
+    assert not out.exists()  # nothing under the final name: DVC sees the output missing
+    assert training.last_checkpoint(partial / "trainer").name == "checkpoint-4"
+    assert not (partial / "adapter_config.json").exists() and not (partial / "train_info.json").exists()
+    assert "keeps checkpoint checkpoint-4" in capsys.readouterr().err
+
+    info = training.train_lora(base, train, EXPERT, 12, 0, out, progress=False, save_steps=4)
+    assert "resuming from" in capsys.readouterr().err
+    assert info["resumed_from_step"] == 4 and info["steps_run"] == ref["steps_run"] == 12
+    got, want = _weights(out), _weights(tmp_path / "ref")
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    assert (out / "train_loss.csv").read_text() == (tmp_path / "ref" / "train_loss.csv").read_text()
+    assert not partial.exists()
+
+
+def test_partial_run_with_other_inputs_starts_clean(lora_inputs, tmp_path, monkeypatch, capsys):
+    base, train = lora_inputs
+    out = tmp_path / "run"
+    restore = _interrupt_at(monkeypatch, 6)
+    with pytest.raises(KeyboardInterrupt):
+        training.train_lora(base, train, EXPERT, 12, 0, out, progress=False, save_steps=4)
+    restore()
+    capsys.readouterr()
+    info = training.train_lora(base, train, EXPERT, 12, 1, out, progress=False, save_steps=4)  # another seed
+    err = capsys.readouterr().err
+    assert "not resuming" in err and "seed differ" in err and "starting clean" in err
+    assert info["resumed_from_step"] is None and info["seed"] == 1
+
+
+def test_last_checkpoint_skips_one_cut_short(tmp_path):
+    def ckpt(step: int, state: str | None):
+        d = tmp_path / f"checkpoint-{step}"
+        d.mkdir()
+        (d / "adapter_model.safetensors").write_bytes(b"x")
+        if state is not None:
+            (d / "trainer_state.json").write_text(state)
+
+    assert training.last_checkpoint(tmp_path) is None
+    ckpt(4, json.dumps({"global_step": 4}))
+    ckpt(8, '{"global_st')  # killed while writing its state (written last)
+    ckpt(12, None)  # killed before its state
+    assert training.last_checkpoint(tmp_path) == tmp_path / "checkpoint-4"
+
+
+@pytest.mark.parametrize("steps", [1, 10, 49, 50, 176, 300, 800, 3120])
+def test_checkpoint_interval_is_a_multiple_of_the_logging_interval(steps):
+    every, log_every = training.default_save_steps(steps), max(1, steps // 50)
+    assert every % log_every == 0
+    assert steps / training.CHECKPOINTS_PER_RUN <= every < steps / training.CHECKPOINTS_PER_RUN + log_every
+
+
+def test_killed_training_stage_leaves_nothing_complete_and_resumes(project, tmp_path):
+    """SIGKILL `dvc repro expert@<skill>` once it has a checkpoint; rerun it; same adapter as uninterrupted."""
+    root = tmp_path / "project"
+    shutil.copytree(project, root)
+    params = smoke_params(root)
+    params["experts"].update(steps=60, stop_loss=None)  # a checkpoint every 6 steps
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    skill = params["skills"]["train"][0]
+    stage = f"expert@{skill}"
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.Popen([str(BIN / "dvc"), "repro", "--single-item", stage], cwd=root, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    trainer_dir = root / "models" / "experts" / f"{skill}.partial" / "trainer"
+    deadline = time.monotonic() + 300
+    try:
+        while training.last_checkpoint(trainer_dir) is None:
+            assert proc.poll() is None, "the stage ended before a checkpoint could be caught"
+            assert time.monotonic() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.02)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (root / "models" / "experts" / skill).exists()
+    assert stage in json.loads(dvc(root, "status", "--json"))
+
+    done = subprocess.run([str(BIN / "dvc"), "repro", "--single-item", stage], cwd=root, env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "train_lora: resuming from" in done.stdout + done.stderr
+    info = json.loads((root / "models" / "experts" / skill / "train_info.json").read_text())
+    assert info["resumed_from_step"] >= 1 and info["steps_run"] == 60
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"][stage]
+    assert lock["outs"][0]["path"] == f"models/experts/{skill}" and lock["outs"][0]["md5"]  # DVC took the rerun
+    assert not (root / "models" / "experts" / f"{skill}.partial").exists()
+
+    # The same step, never interrupted, in a fresh copy (a process like the stage's: same torch threads).
+    ref = _minimal_copy(root, tmp_path / "ref", skill)
+    want = _train_expert_process(ref, skill)
+    assert want["resumed_from_step"] is None and want["steps_run"] == 60
+    got_w, want_w = _weights(root / "models" / "experts" / skill), _weights(ref / "models" / "experts" / skill)
+    assert got_w.keys() == want_w.keys()
+    for k in want_w:
+        assert torch.equal(got_w[k], want_w[k]), k
+    assert (root / "models" / "experts" / skill / "train_loss.csv").read_text() == \
+        (ref / "models" / "experts" / skill / "train_loss.csv").read_text()
+
+
+# --------------------------------------------------------------------------- 4. determinism
+
+
+def _without_timings(obj):
+    """Metrics minus wall-clock fields (``seconds``), which no rerun can reproduce."""
+    if isinstance(obj, dict):
+        return {k: _without_timings(v) for k, v in obj.items() if k != "seconds" and not k.endswith("_seconds")}
+    if isinstance(obj, list):
+        return [_without_timings(v) for v in obj]
+    return obj
+
+
+def test_rerunning_a_stage_gives_identical_metrics(project, tmp_path):
+    root = tmp_path / "project"
+    shutil.copytree(project, root, ignore=shutil.ignore_patterns(".dvc"))
+    assert run_stage.run("base", workdir=root, progress=False)
+    first = json.loads((project / "metrics" / "base.json").read_text())
+    again = json.loads((root / "metrics" / "base.json").read_text())
+    assert _without_timings(again) == _without_timings(first)
+    assert set(first) - set(_without_timings(first)) == {"seconds"}
+    assert (root / "models" / "base" / "model.safetensors").read_bytes() == \
+        (project / "models" / "base" / "model.safetensors").read_bytes()
+
+
+def _minimal_copy(src: Path, dest: Path, skill: str) -> Path:
+    """What ``python -m lib.train_expert <skill>`` reads: the base, the skill's data, params."""
+    for part in ("models/base", f"datasets/skills/{skill}", "profiles"):
+        shutil.copytree(src / part, dest / part)
+    shutil.copy2(src / "params.yaml", dest / "params.yaml")
+    return dest
+
+
+def _train_expert_process(root: Path, skill: str, *more_roots: Path) -> dict | list[dict]:
+    """``lib.train_expert``'s ``run(skill)`` in each root, in one process of its own like the one DVC
+    starts (default torch threads, unlike this test process)."""
+    roots = [root, *more_roots]
+    code = ("import sys\nfrom lib import train_expert\n"
+            f"for r in {[str(r) for r in roots]!r}:\n    train_expert.run({skill!r}, root=r, progress=False)\n")
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run([str(BIN / "python"), "-c", code], cwd=root, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    infos = [json.loads((r / "models" / "experts" / skill / "train_info.json").read_text()) for r in roots]
+    return infos[0] if not more_roots else infos
+
+
+def test_expert_seed_changes_the_adapter_but_it_stays_valid(project, tmp_path):
+    from lib.evaluation import evaluate
+
+    params = smoke_params(project)
+    skill = params["skills"]["train"][0]
+    root = _minimal_copy(project, tmp_path / "seed0", skill)  # the pipeline's params
+    seeded = _minimal_copy(project, tmp_path / "seed1", skill)
+    params["experts"]["seed"] = 1
+    (seeded / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    trained = project / "models" / "experts" / skill
+
+    same, other = _train_expert_process(root, skill, seeded)
+    first = json.loads((trained / "train_info.json").read_text())
+    assert _without_timings(same) == _without_timings(first)
+    for k, v in _weights(trained).items():
+        assert torch.equal(_weights(root / "models" / "experts" / skill)[k], v), k
+
+    out = seeded / "models" / "experts" / skill
+    w0, w1 = _weights(trained), _weights(out)
+    assert w0.keys() == w1.keys()
+    assert any(not torch.equal(w0[k], w1[k]) for k in w0), "seed 1 gave the seed-0 adapter"
+    assert all(torch.isfinite(v).all() for v in w1.values())
+    assert other["seed"] == 1 and other["steps_run"] >= 1 and other["final_loss"] == other["final_loss"]
+    model, tok = experts.load_with_adapters(seeded / "models" / "base", {skill: out})
+    test = data.load(seeded / "datasets" / "skills" / skill, ("test",))["test"]
+    res = evaluate(model, tok, test, adapter_names=[skill] * len(test), progress=False, n_boot=100)
+    assert len(res.examples) == len(test) and 0.0 <= res.examples["correct"].mean() <= 1.0
+
+
+# --------------------------------------------------------------------------- 5. safety
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def test_pipeline_writes_only_safetensors_weights(project):
+    files = [p for p in (project / "models").rglob("*") if p.is_file()]
+    assert not [p for p in files if p.suffix in PICKLE_SUFFIXES]
+    assert (project / "models" / "base" / "model.safetensors").is_file()
+    adapters = [p.parent for p in files if p.name == "adapter_config.json"]
+    assert adapters and all((a / "adapter_model.safetensors").is_file() for a in adapters)
+    assert not list(project.rglob("checkpoint-*")), "training checkpoints left behind"
+
+
+def test_loading_the_pipelines_models_never_unpickles(project, monkeypatch):
+    def no_unpickling(*a, **k):
+        raise AssertionError("a pickle was loaded")
+
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    monkeypatch.setattr(pickle, "load", no_unpickling)
+    monkeypatch.setattr(pickle, "loads", no_unpickling)
+    S = SkillsParams(**smoke_params(project)["skills"])
+    load_causal_lm(project / "models" / "base")
+    model, _ = experts.load_with_adapters(project / "models" / "base", experts.adapter_dirs(project, S.train))
+    assert set(model.peft_config) >= set(S.train)
+
+
+def test_trust_remote_code_is_off_by_default():
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert config.ModelParams().trust_remote_code is False and raw["model"]["trust_remote_code"] is False
+    assert config.TeacherParams().trust_remote_code is False
+    assert raw["synthesize"]["teacher"]["trust_remote_code"] is False
+    sources = [*(REPO / "lib").rglob("*.py"), *(REPO / "notebooks").glob("*.ipynb")]
+    on = [str(p.relative_to(REPO)) for p in sources if "trust_remote_code=True" in p.read_text().replace(" ", "")]
+    assert not on, f"trust_remote_code switched on in {on}"
+
+
+def test_default_profile_makes_no_network_connection(tmp_path, monkeypatch):
+    """Stage 01-03 code paths of the default profile (shrunk) with the hub forced offline and
+    every non-loopback connection or DNS lookup refused and recorded."""
+    from lib.base_model import prepare_base
+    from lib.evaluation import evaluate
+
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"  # conftest forces the hub offline for every test
+    attempts = []
+    real_connect, real_getaddrinfo = socket.socket.connect, socket.getaddrinfo
+    local = {"127.0.0.1", "::1", "localhost"}
+
+    def connect(self, address):
+        if self.family in (socket.AF_INET, socket.AF_INET6) and address[0] not in local:
+            attempts.append(address)
+            raise OSError(f"network disabled in this test: {address}")
+        return real_connect(self, address)
+
+    def getaddrinfo(host, *a, **k):
+        if host not in local and host is not None:
+            attempts.append(host)
+            raise socket.gaierror(f"network disabled in this test: {host}")
+        return real_getaddrinfo(host, *a, **k)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+
+    cfg = config.load(["skills", "synthesize", "model", "experts", "evaluation"], REPO / "params.yaml")
+    S, P, M, E = cfg["skills"], cfg["synthesize"], cfg["model"], cfg["experts"]
+    P = P.model_copy(update=dict(n_train=16, n_val=4, n_test=4, n_composed=4, n_heldout=4, corpus_size=200))
+    data.synthesize_all(S, P, tmp_path / "datasets", data_dir=REPO / "data", progress=False)
+    prepare_base(M.model_copy(update={"pretrain_steps": 2}), tmp_path / "datasets" / "corpus", tmp_path / "base",
+                 progress=False)
+    skill = S.train[0]
+    train = data.load(tmp_path / "datasets" / "skills" / skill, ("train",))["train"]
+    training.train_lora(tmp_path / "base", train, E, 2, E.seed, tmp_path / "expert", progress=False)
+    model, tok = experts.load_with_adapters(tmp_path / "base", {skill: tmp_path / "expert"})
+    tests = data.test_sets(tmp_path, S)["skills"]
+    evaluate(model, tok, tests, adapter_names=[skill] * len(tests), progress=False, n_boot=100)
+    assert attempts == []
