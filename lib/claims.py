@@ -81,18 +81,17 @@ def _get(metrics: dict, *path: str):
     return node
 
 
-def _system(metrics: dict, name: str, key: str = "norm") -> Interval:
+def _system(metrics: dict, name: str) -> Interval:
+    """A stage-04 system's normalised accuracy with its interval."""
     row = _get(metrics, "merge_route", "systems", name)
-    mean = row["norm_acc"] if key == "norm" else row[f"{key}"]
-    lo, hi = (row["norm_lo"], row["norm_hi"]) if key == "norm" else (row[f"{key}_lo"], row[f"{key}_hi"])
-    return Interval(float(mean), float(lo), float(hi))
+    return Interval.of({"mean": row.get("norm_acc"), "lo": row.get("norm_lo"), "hi": row.get("norm_hi")})
 
 
 def _best(metrics: dict, *kinds: str) -> str:
     """The system with the highest normalised accuracy among these kinds (oracle routing excluded:
     it is told the skill)."""
     rows = {n: r for n, r in _get(metrics, "merge_route", "systems").items() if r["kind"] in kinds
-            and n != "route:oracle"}
+            and n != "route:oracle" and r.get("norm_acc") is not None}
     if not rows:
         raise MissingMetric(f"metrics/merge_route.json: no system of kind {kinds}")
     return max(rows, key=lambda n: rows[n]["norm_acc"])

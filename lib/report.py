@@ -37,9 +37,13 @@ def _row(system: str, what: str, acc, norm=None, composed=None, heldout=None) ->
             "composed": composed or "", "held-out": heldout or ""}
 
 
+def _num(x) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
 def _system_row(label: str, what: str, name: str, s: dict) -> dict:
     return _row(label, what, _ci(s["mean_acc"], s["mean_lo"], s["mean_hi"]), _ci(s["norm_acc"], s["norm_lo"], s["norm_hi"]),
-                f"{s['composed']:.3f}", f"{s['heldout']:.3f}")
+                _num(s.get("composed")), _num(s.get("heldout")))
 
 
 def headline(metrics: dict, per_skill: pd.DataFrame | None = None) -> pd.DataFrame:
@@ -65,7 +69,8 @@ def headline(metrics: dict, per_skill: pd.DataFrame | None = None) -> pd.DataFra
         if budget in systems:
             rows.append(_system_row(budget.replace("_", " "), what, budget, systems[budget]))
     for kinds, label in ((("merge", "peft_merge"), "best merge"), (("router",), "best router")):
-        cands = {n: s for n, s in systems.items() if s["kind"] in kinds and n != "route:oracle"}
+        cands = {n: s for n, s in systems.items()
+                 if s["kind"] in kinds and n != "route:oracle" and s.get("norm_acc") is not None}
         if cands:
             best = max(cands, key=lambda n: cands[n]["norm_acc"])
             rows.append(_system_row(label, best, best, cands[best]))

@@ -370,7 +370,7 @@ def test_results_do_not_depend_on_the_number_of_workers(tiny_project):
     root, skills = tiny_project
     e = config.ExpertsParams(rank=2, alpha=4, target_modules=["q_proj", "v_proj"], batch_size=4, lr=1e-2)
     ev = config.EvalParams(batch_size=64, n_boot=100)
-    kw = dict(tasks=["inc", "maxdigit"], strategies=["sequential_lora", "replay"], orders=["given"], seeds=[0, 1],
+    kw = dict(tasks=["inc", "maxdigit"], strategies=["replay"], orders=["given"], seeds=[0, 1],
               steps_per_task=4, eval_every=2, eval_n=4, replay={"fraction": 0.5, "buffer": 5})
     one = C.run_study(root, skills, e, ev, config.ContinualParams(**kw, workers=1), progress=False)
     two = C.run_study(root, skills, e, ev, config.ContinualParams(**kw, workers=2), progress=False)

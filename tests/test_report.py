@@ -216,3 +216,15 @@ def test_null_metrics_are_not_measured_rather_than_a_crash():
     assert rows["loc_similarity"]["verdict"] == INCONCLUSIVE and "null" in rows["loc_similarity"]["measured"]
     head = report.headline(m).set_index("system")
     assert head.loc["best continual strategy", "accuracy [95% CI]"] == "n/a"
+
+
+def test_systems_with_null_normalised_accuracy_are_skipped_not_crashed():
+    """The smoke profile's experts can score 0, which makes normalised accuracy null."""
+    m = metrics_fixture()
+    for name in ("peft:svd", "merge:ties"):
+        m["merge_route"]["systems"][name].update(norm_acc=None, norm_lo=None, norm_hi=None, composed=None)
+    head = report.headline(m).set_index("system")
+    assert head.loc["best merge", "what"] == "merge:dare_ties"
+    rows = {r["key"]: r for r in C.evaluate_claims(m)}
+    assert "merge:dare_ties" in rows["selma"]["measured"]
+    assert rows["ties_dare"]["verdict"] == INCONCLUSIVE and "null" in rows["ties_dare"]["measured"]
