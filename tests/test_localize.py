@@ -326,8 +326,9 @@ def test_smoke_pipeline_wrote_localize_outputs(project):
     assert {"sparsity", "ece_finetuned", "ece_grafted", "relative_reduction"} <= set(cal)
     assert {"mean", "lo", "hi", "n"} == set(cal["ece_finetuned"])
     gm = m["graft_merge"]
-    assert {"mean_normalised", "best_stage04_merge", "best_stage04_normalised"} <= set(gm)
-    assert gm["best_stage04_merge"] == json.loads((project / "metrics" / "merge_route.json").read_text())["best_merge"]
+    assert set(gm["mean_normalised"]) == {"mean", "lo", "hi", "n"} and gm["mean_normalised"]["n"] == len(skills)
+    assert set(gm["by_source"]) == {f"{s}: {k}" for s in ("full_ft", "lora")
+                                    for k in ("graft union", "magnitude union", "average of full updates")}
     rec = pd.read_csv(project / "plots" / "localize_recovery.csv")
     assert list(rec.columns) == ["source", "kind", "sparsity", "skill", "accuracy", "recovery"]
     assert len(rec) == 2 * 3 * len(L["sparsities"]) * len(skills)
