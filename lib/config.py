@@ -25,6 +25,15 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _skill_list(names: list[str], what: str = "skill") -> list[str]:
+    """Every name a known skill, none twice."""
+    for n in names:
+        _check_skill(n)
+    if len(set(names)) != len(names):
+        raise ValueError(f"a {what} is listed twice: {names}")
+    return names
+
+
 def _check_skill(name: str) -> str:
     known = skill_lib.all_skills()
     if name not in known:
@@ -42,11 +51,7 @@ class SkillsParams(Section):
     @field_validator("train", "heldout")
     @classmethod
     def _known(cls, names: list[str]) -> list[str]:
-        for n in names:
-            _check_skill(n)
-        if len(set(names)) != len(names):
-            raise ValueError(f"a skill is listed twice: {names}")
-        return names
+        return _skill_list(names)
 
     @field_validator("difficulty")
     @classmethod
@@ -319,11 +324,7 @@ class ContinualParams(Section):
     @field_validator("tasks")
     @classmethod
     def _tasks(cls, v):
-        for n in v:
-            _check_skill(n)
-        if len(set(v)) != len(v):
-            raise ValueError(f"a task is listed twice: {v}")
-        return v
+        return _skill_list(v, "task")
 
     @field_validator("seeds")
     @classmethod
@@ -381,10 +382,7 @@ class LocalizeParams(Section):
         if v is not None:
             if not v:
                 raise ValueError("give at least one skill, or null for all of skills.train")
-            for n in v:
-                _check_skill(n)
-            if len(set(v)) != len(v):
-                raise ValueError(f"a skill is listed twice: {v}")
+            _skill_list(v)
         return v
 
     @field_validator("sources")

@@ -94,3 +94,16 @@ def smoke_params(root: Path) -> dict:
     import yaml
 
     return yaml.safe_load((root / "params.yaml").read_text())
+
+
+def set_dotted(d: dict, dotted: str, value) -> dict:
+    """A deep copy of a params dict with ``a.b.c`` set to ``value`` (missing levels created)."""
+    import copy
+
+    d = copy.deepcopy(d)
+    *parents, last = dotted.split(".")
+    node = d
+    for p in parents:
+        node = node.setdefault(p, {})
+    node[last] = value
+    return d

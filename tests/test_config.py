@@ -1,12 +1,11 @@
 """params.yaml validation: every bad value stops with one message naming key, value and what is allowed."""
 from __future__ import annotations
 
-import copy
 
 import pytest
 import yaml
 
-from conftest import PARAMS, PROFILES
+from conftest import PARAMS, PROFILES, set_dotted
 from lib import config, run_stage, skills as skill_lib
 from lib.stages import get_stage
 
@@ -18,14 +17,7 @@ def _base() -> dict:
     return yaml.safe_load(PARAMS.read_text())
 
 
-def _set(d: dict, dotted: str, value) -> dict:
-    d = copy.deepcopy(d)
-    *parents, last = dotted.split(".")
-    node = d
-    for p in parents:
-        node = node.setdefault(p, {})
-    node[last] = value
-    return d
+_set = set_dotted
 
 
 def _write(tmp_path, raw: dict):

@@ -9,7 +9,6 @@ is not repeated; these tests go through the commands the pipeline runs.
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
 import pickle
@@ -25,7 +24,7 @@ import torch
 import yaml
 from datasets import DatasetDict
 
-from conftest import BIN, REPO, dvc, peaked_tiny_llama, smoke_params
+from conftest import BIN, REPO, dvc, peaked_tiny_llama, set_dotted, smoke_params
 from lib import config, data, experts, run_stage, train_expert, training
 from lib.config import ExpertsParams, SkillsParams, SynthesizeParams
 from lib.modeling import ModelLoadError, load_causal_lm
@@ -35,14 +34,7 @@ from lib.tokenization import build_char_tokenizer
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _set(raw: dict, dotted: str, value) -> dict:
-    raw = copy.deepcopy(raw)
-    *parents, last = dotted.split(".")
-    node = raw
-    for p in parents:
-        node = node.setdefault(p, {})
-    node[last] = value
-    return raw
+_set = set_dotted
 
 
 def _default(section: str, field: str):
