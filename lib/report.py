@@ -41,7 +41,7 @@ def _num(x) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
 
-def _system_row(label: str, what: str, name: str, s: dict) -> dict:
+def _system_row(label: str, what: str, s: dict) -> dict:
     return _row(label, what, _ci(s["mean_acc"], s["mean_lo"], s["mean_hi"]), _ci(s["norm_acc"], s["norm_lo"], s["norm_hi"]),
                 _num(s.get("composed")), _num(s.get("heldout")))
 
@@ -56,7 +56,7 @@ def headline(metrics: dict, per_skill: pd.DataFrame | None = None) -> pd.DataFra
     rows = []
     systems = metrics.get("merge_route", {}).get("systems", {})
     if "base" in systems:
-        rows.append(_system_row("base", "the pretrained model, no adapter", "base", systems["base"]))
+        rows.append(_system_row("base", "the pretrained model, no adapter", systems["base"]))
     if per_skill is not None and not per_skill.empty:
         own = per_skill[per_skill["system"] == "expert:" + per_skill["skill"]]
         for r in own.itertuples():
@@ -67,13 +67,13 @@ def headline(metrics: dict, per_skill: pd.DataFrame | None = None) -> pd.DataFra
     for budget, what in (("joint_same_steps", "one LoRA on all skills, one expert's steps"),
                          ("joint_total_steps", "one LoRA on all skills, all experts' steps")):
         if budget in systems:
-            rows.append(_system_row(budget.replace("_", " "), what, budget, systems[budget]))
+            rows.append(_system_row(budget.replace("_", " "), what, systems[budget]))
     for kinds, label in ((("merge", "peft_merge"), "best merge"), (("router",), "best router")):
         cands = {n: s for n, s in systems.items()
                  if s["kind"] in kinds and n != "route:oracle" and s.get("norm_acc") is not None}
         if cands:
             best = max(cands, key=lambda n: cands[n]["norm_acc"])
-            rows.append(_system_row(label, best, best, cands[best]))
+            rows.append(_system_row(label, best, cands[best]))
     cont = metrics.get("continual", {})
     if cont.get("best_strategy") in cont.get("strategies", {}):
         name = cont["best_strategy"]
