@@ -10,7 +10,7 @@ embeddings (tied with the LM head) and the RMS norms stay frozen, so the fine-tu
 full-FT update and the LoRA ΔW over the same parameters (a full mask then reproduces the
 fine-tuned model exactly).
 
-Training is trl's ``SFTTrainer`` without a peft config, with the experts' recipe (the same
+Training is trl's ``SFTTrainer`` (``lib.sft.LeanSFTTrainer``) without a peft config, with the experts' recipe (the same
 SFT rows and completion-only loss, cosine schedule, early stopping on the logged training
 loss) and the settings of ``localize.finetune``. The model is written with
 ``save_pretrained`` (safetensors) to ``<out>.partial`` and renamed at the end.
@@ -46,9 +46,10 @@ def considered_names(model, target_modules) -> list[str]:
 def train_full(base_dir: Path, train, f, target_modules, out_dir: Path, progress: bool = True,
                resolved_params: dict | None = None) -> dict:
     """Fine-tune the considered weights of the base on ``train`` (prompt/answer rows); save under ``out_dir``."""
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
     from .modeling import load_on_device
+    from .sft import LeanSFTTrainer
 
     model, tok = load_on_device(base_dir)
     tok.padding_side = "right"
@@ -63,7 +64,7 @@ def train_full(base_dir: Path, train, f, target_modules, out_dir: Path, progress
             completion_only_loss=True, max_length=f.max_length, packing=False, gradient_checkpointing=False,
         )
         stop = LossThresholdStop(f.stop_loss, f.stop_window) if f.stop_loss else None
-        trainer = SFTTrainer(model=model, args=args, train_dataset=sft_rows(train), processing_class=tok,
+        trainer = LeanSFTTrainer(model=model, args=args, train_dataset=sft_rows(train), processing_class=tok,
                              callbacks=[stop] if stop else None)
         t0 = time.perf_counter()
         trainer.train()

@@ -217,8 +217,11 @@ def train_lora(base_dir: Path, train: Dataset, e, steps: int, seed: int, out_dir
     ``torch.load(weights_only=True)`` (tensors and plain containers only, no arbitrary pickle);
     weights are safetensors.
     """
+    from accelerate import PartialState
     from peft import LoraConfig
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
+
+    from .sft import LeanSFTTrainer
 
     model, tok = load_on_device(base_dir)
     tok.padding_side = "right"
@@ -229,15 +232,25 @@ def train_lora(base_dir: Path, train: Dataset, e, steps: int, seed: int, out_dir
     key = run_key(base_dir, train, e, steps, seed, resolved_params)
     if save_steps is not None:
         key["save_steps"] = int(save_steps)
+    # Under `accelerate launch` with several processes every process runs this function; the
+    # trainer shards the batches and saves checkpoints from the right process itself, and the
+    # files written here are written by the main process alone, between barriers. Every
+    # process decides about resuming from the same files before any of them changes.
+    # (cpu=True as the trainer's use_cpu does on a CPU: accelerate then reads torchrun's
+    # environment as a multi-process CPU run; without it every process would think it is the main one.)
+    state = PartialState(cpu=pick_device()[0].type == "cpu")
     checkpoint, why_not = _resumable(tmp, key)
-    if checkpoint is None:
-        if tmp.exists():
-            _say(f"{tmp}: not resuming, {why_not}; starting clean")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        (tmp / RESUME_KEY).write_text(json.dumps(key, indent=2, sort_keys=True))
-    else:
-        _say(f"resuming from {checkpoint}")
+    state.wait_for_everyone()
+    if state.is_main_process:
+        if checkpoint is None:
+            if tmp.exists():
+                _say(f"{tmp}: not resuming, {why_not}; starting clean")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            (tmp / RESUME_KEY).write_text(json.dumps(key, indent=2, sort_keys=True))
+        else:
+            _say(f"resuming from {checkpoint}")
+    state.wait_for_everyone()
     try:
         trainer_args = _common_args(tmp / "trainer", steps, e.lr, e.batch_size, seed, e.weight_decay, progress=progress)
         trainer_args.update(save_strategy="steps", save_steps=key["save_steps"], save_total_limit=1)
@@ -250,32 +263,37 @@ def train_lora(base_dir: Path, train: Dataset, e, steps: int, seed: int, out_dir
         )
         stop = LossThresholdStop(e.stop_loss, e.stop_window) if e.stop_loss else None
         rows = train if plain_text else sft_rows(train)
-        trainer = SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tok, peft_config=lora,
-                             callbacks=[stop] if stop else None)
+        trainer = LeanSFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tok, peft_config=lora,
+                                 callbacks=[stop] if stop else None)
         t0 = time.perf_counter()
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         seconds = time.perf_counter() - t0
-        shutil.rmtree(tmp / "trainer", ignore_errors=True)
-        (tmp / RESUME_KEY).unlink(missing_ok=True)
-        trainer.model.save_pretrained(str(tmp))
         hist = loss_history(trainer)
-        hist.to_csv(tmp / "train_loss.csv", index=False)
         info = {
             "steps": steps, "steps_run": trainer.state.global_step, "stopped_early": bool(stop and stop.stopped_at),
             "seed": seed, "seconds": round(seconds, 2),
             "trainable_params": count_parameters(trainer.model, trainable_only=True),
             "final_loss": float(hist["loss"].iloc[-1]) if len(hist) else math.nan,
-            "examples_seen": trainer.state.global_step * e.batch_size, "train_examples": len(train),
+            "processes": state.num_processes,
+            "examples_seen": trainer.state.global_step * e.batch_size * state.num_processes, "train_examples": len(train),
             "resumed_from_step": int(checkpoint.name.split("-", 1)[1]) if checkpoint else None,
         }
-        (tmp / "train_info.json").write_text(json.dumps(info, indent=2))
-        # The params that produced this adapter travel with it.
-        (tmp / "params.json").write_text(json.dumps(resolved_params or {}, indent=2, sort_keys=True))
-        shutil.rmtree(out_dir, ignore_errors=True)
-        tmp.rename(out_dir)
+        if state.is_main_process:
+            shutil.rmtree(tmp / "trainer", ignore_errors=True)
+            (tmp / RESUME_KEY).unlink(missing_ok=True)
+            trainer.model.save_pretrained(str(tmp))
+            hist.to_csv(tmp / "train_loss.csv", index=False)
+            (tmp / "train_info.json").write_text(json.dumps(info, indent=2))
+            # The params that produced this adapter travel with it.
+            (tmp / "params.json").write_text(json.dumps(resolved_params or {}, indent=2, sort_keys=True))
+            shutil.rmtree(out_dir, ignore_errors=True)
+            tmp.rename(out_dir)
+        state.wait_for_everyone()
     except BaseException:
         # Keep a partial run that has a checkpoint to resume from (it holds no adapter files,
         # and DVC and git ignore *.partial); drop anything else.
+        if not state.is_main_process:
+            raise
         if last_checkpoint(tmp / "trainer") is None:
             shutil.rmtree(tmp, ignore_errors=True)
         else:

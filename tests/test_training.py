@@ -6,6 +6,7 @@ Every model is built here (hidden size 32, one layer, a few steps), offline, und
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import shutil
@@ -412,3 +413,72 @@ def test_score_matrix_rows(scratch_base, trained, second_adapter):
     assert set(zip(table["model"], table["skill"])) == {(m, s) for m in ("base", "reverse", "upper") for s in SKILLS.train}
     assert table["accuracy"].between(0, 1).all()
     assert (table.groupby("model")["n"].sum() == len(tests)).all()
+
+
+def test_lean_trainer_loss_equals_trls_own_loss_on_the_same_batch(tmp_path, scratch_base):
+    """LeanSFTTrainer only swaps how the training loss is computed (the model's own causal-LM
+    loss instead of trl's fused LM head with its per-token metrics): on one batch, with the
+    trainer's token count, both give the same number and the same gradients."""
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from lib.sft import LeanSFTTrainer
+
+    _, _, base = scratch_base
+    rows = training.sft_rows(skill_sets()["reverse"]["train"])
+    results = []
+    for cls in (SFTTrainer, LeanSFTTrainer):
+        model, tok = load_causal_lm(base)
+        tok.padding_side = "right"
+        args = SFTConfig(**training._common_args(tmp_path / cls.__name__, 1, 1e-2, 4, 0, progress=False),
+                         completion_only_loss=True, max_length=32, packing=False, gradient_checkpointing=False)
+        lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM",
+                          init_lora_weights=False)
+        torch.manual_seed(0)
+        trainer = cls(model=model, args=args, train_dataset=rows, processing_class=tok, peft_config=lora)
+        batch = next(iter(trainer.get_train_dataloader()))
+        assert (batch["labels"] == -100).any() and (batch["labels"] != -100).any()  # prompt masked, answer kept
+        n = (batch["labels"][:, 1:] != -100).sum()
+        trainer.model.train()
+        loss = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=n)
+        loss.backward()
+        grads = {k: p.grad.clone() for k, p in trainer.model.named_parameters() if p.requires_grad}
+        results.append((loss.detach(), grads))
+    (l_trl, g_trl), (l_lean, g_lean) = results
+    assert torch.isfinite(l_trl) and l_trl > 0
+    torch.testing.assert_close(l_lean, l_trl, rtol=1e-5, atol=1e-6)
+    assert g_trl.keys() == g_lean.keys() and g_trl
+    for k in g_trl:
+        torch.testing.assert_close(g_lean[k], g_trl[k], rtol=1e-4, atol=1e-6)
+
+
+def test_train_expert_runs_data_parallel_under_a_distributed_launcher(project, scratch_base):
+    """`torchrun` (what `accelerate launch --multi_gpu` runs underneath; here two CPU processes
+    with the gloo backend) runs the unchanged training step: each process takes its shard of
+    every batch, and the main process alone writes one complete adapter."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    _, _, base = scratch_base
+    shutil.copytree(base, project / "models" / "base")
+    data.save(skill_sets()["reverse"], project / "datasets" / "skills" / "reverse")
+    p = yaml.safe_load((project / "params.yaml").read_text())
+    p["skills"]["train"] = ["reverse"]
+    p["experts"].update(steps=6, batch_size=4, rank=4, alpha=8, target_modules=["q_proj", "v_proj"], stop_loss=None)
+    (project / "params.yaml").write_text(yaml.safe_dump(p))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "lib.train_expert", "reverse"], cwd=project, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-12000:]
+    out = project / "models" / "experts" / "reverse"
+    info = json.loads((out / "train_info.json").read_text())
+    assert info["processes"] == 2 and info["steps_run"] == 6
+    assert info["examples_seen"] == 6 * 4 * 2  # a per-process batch of 4 on each of 2 processes
+    assert not Path(str(out) + ".partial").exists()
+    from lib.experts import load_with_adapters
+
+    model, _ = load_with_adapters(project / "models" / "base", {"reverse": out})  # checks files and keys
+    assert "reverse" in model.peft_config
