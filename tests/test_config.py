@@ -218,3 +218,17 @@ def test_method_name_lists_match_the_registries():
     from lib import adapter_space
 
     assert set(config.PEFT_COMBINATION_NAMES) == set(adapter_space.PEFT_COMBINATIONS)
+
+
+@pytest.mark.parametrize("profile", sorted(p.stem for p in PROFILES.glob("*.yaml")))
+def test_every_shipped_profile_validates_and_applies(workdir, profile):
+    """A profile is applied by rewriting params.yaml (python -m lib.profile): every shipped
+    one must pass the same validation, and only change the keys it names."""
+    from lib.profile import apply
+
+    before = yaml.safe_load((workdir / "params.yaml").read_text())
+    override = yaml.safe_load((PROFILES / f"{profile}.yaml").read_text())
+    merged = apply(profile, workdir / "params.yaml")
+    assert yaml.safe_load((workdir / "params.yaml").read_text()) == merged == config.deep_merge(before, override)
+    cfg = config.load(list(merged), workdir / "params.yaml")
+    assert set(cfg) == set(merged)
