@@ -35,6 +35,32 @@ from .stats import growth, summarize
 NS = (2, 4, 8, 16)
 
 
+def growth_tables(rows_list: list[dict], sizes: list[dict]) -> tuple[dict, dict]:
+    """How time and memory grow with N (on the largest model measured: on the smallest, peak
+    memory is a few MiB and the allocator's noise is as large as the signal), and how time
+    grows with the model's adapted parameters at N = 8. Time: the fastest repeat (noise from
+    other processes only ever adds time); memory: the median."""
+    largest = max(s["scale"] for s in sizes)
+    growth_n = {}
+    for space, method in dict.fromkeys((r["space"], r["method"]) for r in rows_list):
+        pts = sorted((r["n"], r["seconds"]["min"], r["peak_mib"]["median"]) for r in rows_list
+                     if r["scale"] == largest and r["space"] == space and r["method"] == method)
+        ns = [x[0] for x in pts]
+        mem = [x[2] for x in pts]
+        growth_n[f"{space}:{method}"] = {
+            "time": growth(ns, [max(x[1], 1e-9) for x in pts]),
+            "memory": growth(ns, [max(x, 1e-3) for x in mem]) if max(mem) >= 0.5 else {"verdict": "below 0.5 MiB"},
+            "model_scale": largest,
+        }
+    growth_size = {}
+    if len(sizes) > 1:
+        for space, method in dict.fromkeys((r["space"], r["method"]) for r in rows_list):
+            pts = sorted((next(s["adapted_parameters"] for s in sizes if s["scale"] == r["scale"]), r["seconds"]["min"])
+                         for r in rows_list if r["n"] == 8 and r["space"] == space and r["method"] == method)
+            growth_size[f"{space}:{method}"] = growth([x[0] for x in pts], [max(x[1], 1e-9) for x in pts])
+    return growth_n, growth_size
+
+
 def _model(hidden: int, inter: int, layers: int, heads: int, seed: int = 0):
     from lib.config import ModelParams
     from lib.tokenization import build_char_tokenizer
@@ -178,23 +204,7 @@ def run(quick: bool = False, root: Path = common.REPO) -> dict:
                 rows[(scale, n, space, method)]["peak_mib"] = summarize([peak_call(fn, cleanup) for _ in range(2)])
             del tvs, cases
     rows_list = list(rows.values())
-    growth_n = {}
-    for space, method in dict.fromkeys((r["space"], r["method"]) for r in rows_list):
-        # Time: the fastest repeat (noise from other processes only ever adds time); memory: the median.
-        pts = sorted((r["n"], r["seconds"]["min"], r["peak_mib"]["median"]) for r in rows_list
-                     if r["scale"] == 1 and r["space"] == space and r["method"] == method)
-        ns = [x[0] for x in pts]
-        mem = [x[2] for x in pts]
-        growth_n[f"{space}:{method}"] = {
-            "time": growth(ns, [max(x[1], 1e-9) for x in pts]),
-            "memory": growth(ns, [max(x, 1e-3) for x in mem]) if max(mem) >= 0.5 else {"verdict": "below 0.5 MiB"},
-        }
-    growth_size = {}
-    if len(scales) > 1:
-        for space, method in dict.fromkeys((r["space"], r["method"]) for r in rows_list):
-            pts = sorted((next(s["adapted_parameters"] for s in sizes if s["scale"] == r["scale"]), r["seconds"]["min"])
-                         for r in rows_list if r["n"] == 8 and r["space"] == space and r["method"] == method)
-            growth_size[f"{space}:{method}"] = growth([x[0] for x in pts], [max(x[1], 1e-9) for x in pts])
+    growth_n, growth_size = growth_tables(rows_list, sizes)
     return {
         "what": "time and peak memory to merge N LoRA experts, exact ΔW merges vs peft add_weighted_adapter",
         "ns": list(NS), "sizes": sizes, "repeats": repeats, "rank": e.rank, "target_modules": list(e.target_modules),

@@ -108,9 +108,15 @@ def _growth_txt(g: dict | None) -> str:
     return f"{g['verdict']} (N^{g['exponent']:.2f}, R² {g['r2']:.2f})"
 
 
+def _largest(r: dict) -> int:
+    """The model scale the merge table, figure and growth in N use (see ``merge_cost.growth_tables``)."""
+    return max(s["scale"] for s in r["sizes"])
+
+
 def merge_md(r: dict) -> list[str]:
-    rows = [x for x in r["rows"] if x["scale"] == 1]
-    size = next(s for s in r["sizes"] if s["scale"] == 1)
+    scale = _largest(r)
+    rows = [x for x in r["rows"] if x["scale"] == scale]
+    size = next(s for s in r["sizes"] if s["scale"] == scale)
     methods = list(dict.fromkeys((x["space"], x["method"]) for x in rows))
     head = ("| space | method | " + " | ".join(f"N={n}: ms / MiB" for n in r["ns"])
             + " | growth in N: time | growth in N: memory |")
@@ -119,8 +125,8 @@ def merge_md(r: dict) -> list[str]:
         "",
         _meta_line(r),
         "",
-        f"Synthetic rank-{r['rank']} experts on {len(r['target_modules'])} module types of the default-size model "
-        f"({size['parameters']:,} parameters, {size['adapted_parameters']:,} in adapted weights); median time "
+        f"Synthetic rank-{r['rank']} experts on {len(r['target_modules'])} module types of the largest model "
+        f"measured (hidden {size['hidden_size']}, {size['parameters']:,} parameters, {size['adapted_parameters']:,} in adapted weights); median time "
         f"and peak extra resident memory ({r['memory_method']}) over {r['repeats']} repeats (growth in time is "
         "fitted on the fastest repeat). `extract`: exact "
         "ΔW of N experts; ΔW methods: `lib.merging.merge_task_vectors`; `apply`: adding a merge to a copy of the "
@@ -155,7 +161,7 @@ def merge_md(r: dict) -> list[str]:
         at = max(x["n"] for x in d)
         lines += [f"peft's merge against the exact ΔW merge of the same weights (relative Frobenius distance, N={at}): "
                   + ", ".join(f"`{x['type']}` {x['distance']:.3g} (vs {x['exact']})" for x in d
-                              if x["n"] == at and x["scale"] == 1) + "."]
+                              if x["n"] == at and x.get("scale", 1) == scale) + "."]
     return lines + [""]
 
 
@@ -303,7 +309,7 @@ def figures(res: dict, out: Path) -> list[Path]:
         made.append(_save(fig, out / "eval_speedup.png"))
     if "merge" in res:
         r = res["merge"]
-        rows = [x for x in r["rows"] if x["scale"] == 1 and x["method"] != "apply"]
+        rows = [x for x in r["rows"] if x["scale"] == _largest(r) and x["method"] != "apply"]
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         series = list(dict.fromkeys((x["space"], x["method"]) for x in rows))
         colors = dict(zip(series, sns.color_palette("tab20", len(series))))
@@ -322,7 +328,7 @@ def figures(res: dict, out: Path) -> list[Path]:
             ax.set_xlabel("experts merged (N)")
             ax.set_ylabel(label)
         axes[1].legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.02, 1))
-        fig.suptitle("Merge cost against N (default-size model, log-log)")
+        fig.suptitle(f"Merge cost against N (hidden {next(s['hidden_size'] for s in r['sizes'] if s['scale'] == _largest(r))}, log-log)")
         made.append(_save(fig, out / "merge_scaling.png"))
     if "pipeline" in res:
         r = res["pipeline"]
