@@ -18,7 +18,6 @@ loss) and the settings of ``localize.finetune``. The model is written with
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shutil
 import sys
@@ -26,7 +25,7 @@ import time
 from pathlib import Path
 
 from . import config, data
-from .training import LossThresholdStop, _common_args, count_parameters, loss_history, sft_rows
+from .training import LossThresholdStop, count_parameters, loss_history, publish_run, sft_rows, trainer_args
 
 
 def considered_names(model, target_modules) -> list[str]:
@@ -60,31 +59,25 @@ def train_full(base_dir: Path, train, f, target_modules, out_dir: Path, progress
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         args = SFTConfig(
-            **_common_args(tmp / "trainer", f.steps, f.lr, f.batch_size, f.seed, f.weight_decay, progress=progress),
+            **trainer_args(tmp / "trainer", f.steps, f.lr, f.batch_size, f.seed, f.weight_decay, progress=progress),
             completion_only_loss=True, max_length=f.max_length, packing=False, gradient_checkpointing=False,
         )
         stop = LossThresholdStop(f.stop_loss, f.stop_window) if f.stop_loss else None
         trainer = LeanSFTTrainer(model=model, args=args, train_dataset=sft_rows(train), processing_class=tok,
-                             callbacks=[stop] if stop else None)
+                                 callbacks=[stop] if stop else None)
         t0 = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - t0
-        shutil.rmtree(tmp / "trainer", ignore_errors=True)
         tok.padding_side = "left"
-        trainer.model.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
         hist = loss_history(trainer)
-        hist.to_csv(tmp / "train_loss.csv", index=False)
         info = {
             "steps": f.steps, "steps_run": trainer.state.global_step, "stopped_early": bool(stop and stop.stopped_at),
             "seed": f.seed, "seconds": round(seconds, 2), "trainable_params": count_parameters(trainer.model, True),
             "total_params": count_parameters(trainer.model), "considered": sorted(names),
             "final_loss": float(hist["loss"].iloc[-1]) if len(hist) else math.nan, "train_examples": len(train),
         }
-        (tmp / "train_info.json").write_text(json.dumps(info, indent=2))
-        (tmp / "params.json").write_text(json.dumps(resolved_params or {}, indent=2, sort_keys=True))
-        shutil.rmtree(out_dir, ignore_errors=True)
-        tmp.rename(out_dir)
+        publish_run(tmp, out_dir, trainer.model, hist, info, resolved_params)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

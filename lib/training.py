@@ -40,7 +40,7 @@ def build_scratch_model(tokenizer, m) -> "torch.nn.Module":
     return LlamaForCausalLM(cfg)
 
 
-def _common_args(out_dir: Path, steps: int, lr: float, batch_size: int, seed: int, weight_decay: float = 0.0,
+def trainer_args(out_dir: Path, steps: int, lr: float, batch_size: int, seed: int, weight_decay: float = 0.0,
                  warmup: float = 0.05, progress: bool = True) -> dict:
     device, dtype = pick_device()
     return dict(
@@ -93,7 +93,7 @@ def pretrain_base(model, tokenizer, corpus: Dataset, m, out_dir: Path, progress:
         return tokenizer([t + tokenizer.eos_token for t in batch["text"]], truncation=True, max_length=m.max_len)
 
     train = corpus.map(tok, batched=True, remove_columns=corpus.column_names)
-    args = TrainingArguments(**_common_args(out_dir / "trainer", m.pretrain_steps, m.lr, m.batch_size, m.seed, progress=progress))
+    args = TrainingArguments(**trainer_args(out_dir / "trainer", m.pretrain_steps, m.lr, m.batch_size, m.seed, progress=progress))
     collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
     # Right padding for training (labels of padded positions are -100 either way).
     tokenizer.padding_side = "right"
@@ -146,7 +146,8 @@ def _file_digest(path: Path, whole_below: int = 256 << 20) -> str:
     return h.hexdigest()
 
 
-def run_key(base_dir: Path, train: Dataset, e, steps: int, seed: int, resolved_params: dict | None) -> dict:
+def run_key(base_dir: Path, train: Dataset, e, steps: int, seed: int, resolved_params: dict | None,
+            save_steps: int | None = None) -> dict:
     """Everything that decides a LoRA run's result: a checkpoint is resumed only under an equal key."""
     import peft
     import transformers
@@ -158,7 +159,7 @@ def run_key(base_dir: Path, train: Dataset, e, steps: int, seed: int, resolved_p
     rows = json.dumps(train.to_dict(), sort_keys=True, ensure_ascii=False).encode()
     return {
         "params": resolved_params or {}, "experts": e.model_dump(mode="json"), "steps": steps, "seed": seed,
-        "save_steps": default_save_steps(steps), "data_sha256": hashlib.sha256(rows).hexdigest(),
+        "save_steps": int(save_steps or default_save_steps(steps)), "data_sha256": hashlib.sha256(rows).hexdigest(),
         "base": {p.name: _file_digest(p) for p in files}, "device": device.type, "dtype": str(dtype),
         "versions": {m.__name__: m.__version__ for m in (torch, transformers, trl, peft)},
     }
@@ -192,6 +193,19 @@ def _resumable(tmp: Path, key: dict) -> tuple[Path | None, str]:
         return None, f"it was made with other inputs ({', '.join(diff)} differ)"
     ckpt = last_checkpoint(tmp / "trainer")
     return (ckpt, "") if ckpt else (None, "it holds no complete checkpoint")
+
+
+def publish_run(tmp: Path, out_dir: Path, model, hist: pd.DataFrame, info: dict, resolved_params: dict | None) -> None:
+    """Write a finished run's files into ``tmp`` (``<out_dir>.partial``), then rename it to
+    ``out_dir``: the weights (safetensors), the loss curve, ``train_info.json`` and the params
+    that produced them, so that ``out_dir`` only ever exists complete."""
+    shutil.rmtree(tmp / "trainer", ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    hist.to_csv(tmp / "train_loss.csv", index=False)
+    (tmp / "train_info.json").write_text(json.dumps(info, indent=2))
+    (tmp / "params.json").write_text(json.dumps(resolved_params or {}, indent=2, sort_keys=True))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
 
 
 def _say(msg: str) -> None:
@@ -229,9 +243,7 @@ def train_lora(base_dir: Path, train: Dataset, e, steps: int, seed: int, out_dir
     lora = LoraConfig(r=e.rank, lora_alpha=e.alpha, lora_dropout=e.dropout, target_modules=list(e.target_modules),
                       task_type="CAUSAL_LM", bias="none")
     tmp = Path(str(out_dir) + ".partial")
-    key = run_key(base_dir, train, e, steps, seed, resolved_params)
-    if save_steps is not None:
-        key["save_steps"] = int(save_steps)
+    key = run_key(base_dir, train, e, steps, seed, resolved_params, save_steps)
     # Under `accelerate launch` with several processes every process runs this function; the
     # trainer shards the batches and saves checkpoints from the right process itself, and the
     # files written here are written by the main process alone, between barriers. Every
@@ -252,10 +264,10 @@ def train_lora(base_dir: Path, train: Dataset, e, steps: int, seed: int, out_dir
             _say(f"resuming from {checkpoint}")
     state.wait_for_everyone()
     try:
-        trainer_args = _common_args(tmp / "trainer", steps, e.lr, e.batch_size, seed, e.weight_decay, progress=progress)
-        trainer_args.update(save_strategy="steps", save_steps=key["save_steps"], save_total_limit=1)
+        kwargs = trainer_args(tmp / "trainer", steps, e.lr, e.batch_size, seed, e.weight_decay, progress=progress)
+        kwargs.update(save_strategy="steps", save_steps=key["save_steps"], save_total_limit=1)
         args = SFTConfig(
-            **trainer_args,
+            **kwargs,
             completion_only_loss=not plain_text, max_length=e.max_length, packing=False,
             # trl turns activation checkpointing on by default; at this size recomputing the
             # forward in the backward pass costs more than the memory it saves.
@@ -279,24 +291,18 @@ def train_lora(base_dir: Path, train: Dataset, e, steps: int, seed: int, out_dir
             "resumed_from_step": int(checkpoint.name.split("-", 1)[1]) if checkpoint else None,
         }
         if state.is_main_process:
-            shutil.rmtree(tmp / "trainer", ignore_errors=True)
             (tmp / RESUME_KEY).unlink(missing_ok=True)
-            trainer.model.save_pretrained(str(tmp))
-            hist.to_csv(tmp / "train_loss.csv", index=False)
-            (tmp / "train_info.json").write_text(json.dumps(info, indent=2))
-            # The params that produced this adapter travel with it.
-            (tmp / "params.json").write_text(json.dumps(resolved_params or {}, indent=2, sort_keys=True))
-            shutil.rmtree(out_dir, ignore_errors=True)
-            tmp.rename(out_dir)
+            publish_run(tmp, out_dir, trainer.model, hist, info, resolved_params)
         state.wait_for_everyone()
     except BaseException:
         # Keep a partial run that has a checkpoint to resume from (it holds no adapter files,
         # and DVC and git ignore *.partial); drop anything else.
         if not state.is_main_process:
             raise
-        if last_checkpoint(tmp / "trainer") is None:
+        kept = last_checkpoint(tmp / "trainer")
+        if kept is None:
             shutil.rmtree(tmp, ignore_errors=True)
         else:
-            _say(f"stopped; {tmp} keeps checkpoint {last_checkpoint(tmp / 'trainer').name} for a resume")
+            _say(f"stopped; {tmp} keeps checkpoint {kept.name} for a resume")
         raise
     return info

@@ -430,7 +430,7 @@ def test_lean_trainer_loss_equals_trls_own_loss_on_the_same_batch(tmp_path, scra
     for cls in (SFTTrainer, LeanSFTTrainer):
         model, tok = load_causal_lm(base)
         tok.padding_side = "right"
-        args = SFTConfig(**training._common_args(tmp_path / cls.__name__, 1, 1e-2, 4, 0, progress=False),
+        args = SFTConfig(**training.trainer_args(tmp_path / cls.__name__, 1, 1e-2, 4, 0, progress=False),
                          completion_only_loss=True, max_length=32, packing=False, gradient_checkpointing=False)
         lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM",
                           init_lora_weights=False)
