@@ -309,7 +309,8 @@ def figures(res: dict, out: Path) -> list[Path]:
         made.append(_save(fig, out / "eval_speedup.png"))
     if "merge" in res:
         r = res["merge"]
-        rows = [x for x in r["rows"] if x["scale"] == _largest(r) and x["method"] != "apply"]
+        scale = _largest(r)
+        rows = [x for x in r["rows"] if x["scale"] == scale and x["method"] != "apply"]
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         series = list(dict.fromkeys((x["space"], x["method"]) for x in rows))
         colors = dict(zip(series, sns.color_palette("tab20", len(series))))
@@ -328,7 +329,7 @@ def figures(res: dict, out: Path) -> list[Path]:
             ax.set_xlabel("experts merged (N)")
             ax.set_ylabel(label)
         axes[1].legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.02, 1))
-        fig.suptitle(f"Merge cost against N (hidden {next(s['hidden_size'] for s in r['sizes'] if s['scale'] == _largest(r))}, log-log)")
+        fig.suptitle(f"Merge cost against N (hidden {next(s['hidden_size'] for s in r['sizes'] if s['scale'] == scale)}, log-log)")
         made.append(_save(fig, out / "merge_scaling.png"))
     if "pipeline" in res:
         r = res["pipeline"]

@@ -87,14 +87,19 @@ def _system(metrics: dict, name: str) -> Interval:
     return Interval.of({"mean": row.get("norm_acc"), "lo": row.get("norm_lo"), "hi": row.get("norm_hi")})
 
 
+def best_system(systems: dict, *kinds: str) -> str | None:
+    """The stage-04 system with the highest normalised accuracy among these kinds, or None.
+    Oracle routing is excluded (it is told the skill), and so are systems without a number."""
+    rows = {n: r for n, r in systems.items()
+            if r["kind"] in kinds and n != "route:oracle" and r.get("norm_acc") is not None}
+    return max(rows, key=lambda n: rows[n]["norm_acc"]) if rows else None
+
+
 def _best(metrics: dict, *kinds: str) -> str:
-    """The system with the highest normalised accuracy among these kinds (oracle routing excluded:
-    it is told the skill)."""
-    rows = {n: r for n, r in _get(metrics, "merge_route", "systems").items() if r["kind"] in kinds
-            and n != "route:oracle" and r.get("norm_acc") is not None}
-    if not rows:
+    best = best_system(_get(metrics, "merge_route", "systems"), *kinds)
+    if best is None:
         raise MissingMetric(f"metrics/merge_route.json: no system of kind {kinds}")
-    return max(rows, key=lambda n: rows[n]["norm_acc"])
+    return best
 
 
 # ---- the claims -------------------------------------------------------------------------

@@ -172,6 +172,13 @@ PEFT_COMBINATION_NAMES = ("linear", "cat", "svd", "ties", "ties_svd", "dare_line
 ROUTER_NAMES = ("oracle", "router_top1", "router_soft", "arrow", "arrow_gks", "lorahub", "ensemble")
 
 
+def _positive_lams(v: list[float]) -> list[float]:
+    """A λ grid: every value scales an update, so each must be > 0."""
+    if any(x <= 0 for x in v):
+        raise ValueError(f"every λ must be > 0, got {v}")
+    return v
+
+
 def _known_names(kind: str, names: list[str], known: tuple[str, ...]) -> list[str]:
     bad = [n for n in names if n not in known]
     if bad:
@@ -234,9 +241,7 @@ class MergeRouteParams(Section):
     @field_validator("lam_grid")
     @classmethod
     def _lams(cls, v):
-        if any(x <= 0 for x in v):
-            raise ValueError(f"every λ must be > 0, got {v}")
-        return v
+        return _positive_lams(v)
 
     @model_validator(mode="after")
     def _beta_density(self):
@@ -289,9 +294,7 @@ class LibraryParams(Section):
     @field_validator("lam_grid")
     @classmethod
     def _lams(cls, v):
-        if any(x <= 0 for x in v):
-            raise ValueError(f"every λ must be > 0, got {v}")
-        return v
+        return _positive_lams(v)
 
 
 class ContinualParams(Section):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from .evaluation import BASE_ADAPTER, evaluate
-from .modeling import load_on_device
+from .modeling import PICKLE_SUFFIXES, load_on_device
 
 
 class AdapterError(RuntimeError):
@@ -60,7 +60,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 def check_adapter_files(path: Path) -> None:
     """Only safetensors adapters are loaded: peft would unpickle an ``adapter_model.bin``."""
     if not (path / ADAPTER_WEIGHTS).is_file():
-        others = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl"))
+        others = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
         found = f" (found {', '.join(others)}: pickle files, which can run code when loaded)" if others else ""
         raise AdapterError(f"{path}: no {ADAPTER_WEIGHTS}{found}; only safetensors adapters are loaded. "
                            "Save adapters with save_pretrained (safetensors is its default)")

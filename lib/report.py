@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .claims import evaluate_claims
+from .claims import best_system, evaluate_claims
 from .io import read_json
 
 # The stages' metrics files, in pipeline order.
@@ -69,11 +69,9 @@ def headline(metrics: dict, per_skill: pd.DataFrame | None = None) -> pd.DataFra
         if budget in systems:
             rows.append(_system_row(budget.replace("_", " "), what, systems[budget]))
     for kinds, label in ((("merge", "peft_merge"), "best merge"), (("router",), "best router")):
-        cands = {n: s for n, s in systems.items()
-                 if s["kind"] in kinds and n != "route:oracle" and s.get("norm_acc") is not None}
-        if cands:
-            best = max(cands, key=lambda n: cands[n]["norm_acc"])
-            rows.append(_system_row(label, best, cands[best]))
+        best = best_system(systems, *kinds)
+        if best is not None:
+            rows.append(_system_row(label, best, systems[best]))
     cont = metrics.get("continual", {})
     if cont.get("best_strategy") in cont.get("strategies", {}):
         name = cont["best_strategy"]
