@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 
     threads = args.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     torch.set_num_threads(threads)
-    from lib.io import write_json
+    from lib.core.io import write_json
 
     for part in [] if args.report_only else parts:
         print(f"== bench {part}{' (quick)' if args.quick else ''}", file=sys.stderr, flush=True)

@@ -165,7 +165,7 @@ def timed(fn):
 
 def params(root: Path = REPO) -> dict:
     """The validated params.yaml sections of ``root`` (the default profile)."""
-    from lib import config
+    from lib.core import config
 
     raw = config.read_params(root / "params.yaml")
     return {s: config.validate_section(s, raw[s]) for s in ("skills", "synthesize", "model", "experts", "evaluation")}
@@ -178,8 +178,8 @@ def base_model_dir(root: Path, scratch: Path) -> tuple[Path, str]:
     base = root / "models" / "base"
     if (base / "config.json").exists():
         return base, "models/base (the default profile's pretrained base)"
-    from lib.tokenization import build_char_tokenizer
-    from lib.training import build_scratch_model
+    from lib.core.tokenization import build_char_tokenizer
+    from lib.core.training import build_scratch_model
 
     m = params(root)["model"]
     tok = build_char_tokenizer()
@@ -192,7 +192,7 @@ def base_model_dir(root: Path, scratch: Path) -> tuple[Path, str]:
 
 def skill_train_set(root: Path, skill: str):
     """The default profile's training split of ``skill`` (from datasets/, else synthesized now)."""
-    from lib import data
+    from lib.synth import datasets as data
 
     path = root / "datasets" / "skills" / skill
     if path.exists():

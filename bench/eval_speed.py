@@ -1,6 +1,6 @@
 """Part 2, evaluation speed: our batched KV-cache harness against two slower ways to decode.
 
-* ``harness``: ``lib.evaluation.generate`` as every stage calls it (prompts sorted by
+* ``harness``: ``lib.core.evaluation.generate`` as every stage calls it (prompts sorted by
   length, left-padded batches of ``evaluation.batch_size``, greedy, KV cache, EOS stop);
 * ``one_at_a_time``: ``model.generate`` on one prompt at a time (KV cache on, same greedy
   settings and EOS ids), the way a naive evaluation loop calls it;
@@ -26,7 +26,7 @@ TARGET_SPEEDUP = 10.0
 
 def load_model(root: Path):
     """(model, tokenizer, what) for the benchmark: joint LoRA merged into the base if present."""
-    from lib.modeling import load_on_device
+    from lib.core.modeling import load_on_device
 
     base = root / "models" / "base"
     if not (base / "config.json").exists():
@@ -44,7 +44,7 @@ def load_model(root: Path):
 
 
 def _eos_pad(model, tok):
-    from lib.evaluation import _eos_ids
+    from lib.core.evaluation import _eos_ids
 
     eos = _eos_ids(model, tok)
     return eos, tok.pad_token_id if tok.pad_token_id is not None else eos[0]
@@ -73,7 +73,7 @@ def one_at_a_time(model, tok, prompts: list[str], max_new_tokens: int) -> list[s
 def batched_no_cache(model, tok, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
     import torch
 
-    from lib.evaluation import _left_pad
+    from lib.core.evaluation import _left_pad
 
     eos, pad = _eos_pad(model, tok)
     enc = tok(prompts)["input_ids"]
@@ -92,7 +92,7 @@ def batched_no_cache(model, tok, prompts: list[str], max_new_tokens: int, batch_
 
 
 def harness(model, tok, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
-    from lib.evaluation import generate
+    from lib.core.evaluation import generate
 
     return [g.text for g in generate(model, tok, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                      progress=False)]
@@ -102,8 +102,8 @@ def run(quick: bool = False, root: Path = common.REPO) -> dict:
     from datasets import concatenate_datasets
     from tqdm.auto import tqdm
 
-    from lib import data
-    from lib.evaluation import max_new_tokens_for
+    from lib.core import data
+    from lib.core.evaluation import max_new_tokens_for
 
     p = common.params(root)
     sets = data.test_sets(root, p["skills"])

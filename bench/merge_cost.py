@@ -8,10 +8,10 @@ values, so this measures what merging trained experts costs.
 
 Per model size, N and method, side by side in one process:
 
-* ``extract``: the exact task vectors ``ΔW_i = s_i B_i A_i`` of N experts (``lib.merging.task_vectors``);
-* every ΔW merge method of ``lib.merging`` (``merge_task_vectors``: weight-update space);
+* ``extract``: the exact task vectors ``ΔW_i = s_i B_i A_i`` of N experts (``lib.merge.task_vectors.task_vectors``);
+* every ΔW merge method of ``lib.merge.task_vectors`` (``merge_task_vectors``: weight-update space);
 * ``apply``: adding the merged ΔW to a copy of the base (``apply_merged``; the same for every method);
-* peft's ``add_weighted_adapter`` (``lib.adapter_space.peft_merge``) for the combination
+* peft's ``add_weighted_adapter`` (``lib.merge.adapter_space.peft_merge``) for the combination
   types of ``merge_route.peft_merges``, from the model holding the N adapters (adapter space),
   with the relative Frobenius distance of its ΔW to the exact merge of the same weights.
 
@@ -62,9 +62,9 @@ def growth_tables(rows_list: list[dict], sizes: list[dict]) -> tuple[dict, dict]
 
 
 def _model(hidden: int, inter: int, layers: int, heads: int, seed: int = 0):
-    from lib.config import ModelParams
-    from lib.tokenization import build_char_tokenizer
-    from lib.training import build_scratch_model
+    from lib.core.config import ModelParams
+    from lib.core.tokenization import build_char_tokenizer
+    from lib.core.training import build_scratch_model
 
     tok = build_char_tokenizer()
     m = ModelParams(hidden_size=hidden, intermediate_size=inter, num_layers=layers, num_heads=heads, seed=seed)
@@ -126,9 +126,9 @@ def _adapted_params(model, targets) -> int:
 
 def _cases(base, holder, n: int, mr, methods, peft_types):
     """(space, method, fn, cleanup) for every measurement at one model size and N."""
-    from lib import merging
-    from lib.adapter_space import peft_merge
-    from lib.merge_route import merge_kwargs
+    from lib.merge import task_vectors as merging
+    from lib.merge.adapter_space import peft_merge
+    from lib.merge.leaderboard import merge_kwargs
 
     names = [f"e{i}" for i in range(n)]
     tvs = merging.task_vectors(holder, names)
@@ -154,9 +154,10 @@ def _cases(base, holder, n: int, mr, methods, peft_types):
 def run(quick: bool = False, root: Path = common.REPO) -> dict:
     from tqdm.auto import tqdm
 
-    from lib import config, merging
-    from lib.adapter_space import distance_to_exact, peft_merge
-    from lib.merge_route import merge_kwargs
+    from lib.core import config
+    from lib.merge import task_vectors as merging
+    from lib.merge.adapter_space import distance_to_exact, peft_merge
+    from lib.merge.leaderboard import merge_kwargs
 
     p = common.params(root)
     m, e = p["model"], p["experts"]

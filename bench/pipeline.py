@@ -58,7 +58,7 @@ def make_copy(dest: Path, profile: str | None) -> Path:
 
     shutil.copytree(common.REPO, dest, ignore=ignore)
     if profile:
-        from lib.profile import apply
+        from lib.cli.profile import apply
 
         apply(profile, dest / "params.yaml")
     dvc(dest, "init", "--no-scm", "-q")
@@ -145,7 +145,7 @@ def repro(cwd: Path, *args: str, poll: float = 0.1, log: Path | None = None) -> 
 
 def _target_stages() -> set[str]:
     """Stages whose notebook is 04_* or 07_* (merge_route, report): what a merge param should rerun."""
-    from lib.stages import STAGES
+    from lib.core.stages import STAGES
 
     return {name for name, st in STAGES.items() if st.notebook[:3] in ("04_", "07_")}
 

@@ -1,6 +1,6 @@
 """Part 1, training overhead: our expert training path against a minimal hand-written loop.
 
-Ours is ``lib.training.train_lora`` exactly as stage 03 runs it (trl ``SFTTrainer`` + peft
+Ours is ``lib.core.training.train_lora`` exactly as stage 03 runs it (trl ``SFTTrainer`` + peft
 LoRA, loss on the answer tokens, cosine schedule, checkpoints at the interval the stage
 derives from ``experts.steps``), on the default profile's base model, one skill's training
 split, batch size, LoRA config and learning rate, for as many steps as the trained experts
@@ -59,7 +59,7 @@ def _batch(examples, idx, pad_id: int, device):
 def _peft_model(base_dir: Path, e):
     from peft import LoraConfig, get_peft_model
 
-    from lib.modeling import load_on_device
+    from lib.core.modeling import load_on_device
 
     model, tok = load_on_device(base_dir)
     cfg = LoraConfig(r=e.rank, lora_alpha=e.alpha, lora_dropout=e.dropout, target_modules=list(e.target_modules),
@@ -103,14 +103,14 @@ def hand_loop(base_dir: Path, rows, e, steps: int, seed: int) -> dict:
 
 
 def ours(base_dir: Path, rows, e, steps: int, seed: int, scratch: Path, save_steps: int | None = None) -> dict:
-    """``lib.training.train_lora`` as stage 03 calls it; the trainer is caught to read its token count.
+    """``lib.core.training.train_lora`` as stage 03 calls it; the trainer is caught to read its token count.
     ``save_steps`` above ``steps`` turns its periodic checkpoints off (a diagnostic variant)."""
     import contextlib
     import io
 
     import trl
 
-    from lib.training import train_lora
+    from lib.core.training import train_lora
 
     caught = []
     real_train = trl.SFTTrainer.train
@@ -171,7 +171,7 @@ def matmul_peak(n: int, repeats: int) -> dict:
 def run(quick: bool = False, root: Path = common.REPO, skill: str | None = None) -> dict:
     from tqdm.auto import tqdm
 
-    from lib.training import default_save_steps
+    from lib.core.training import default_save_steps
 
     p = common.params(root)
     skill = skill or p["skills"].train[0]
@@ -203,8 +203,8 @@ def run(quick: bool = False, root: Path = common.REPO, skill: str | None = None)
                 runs[name].append(paths[name]())
         fpt = flops_per_token(base_dir, rows, e)
         peak = matmul_peak(512 if quick else 1024, 5 if quick else 20)
-        from lib.training import count_parameters
-        from lib.modeling import load_causal_lm
+        from lib.core.training import count_parameters
+        from lib.core.modeling import load_causal_lm
 
         n_params = count_parameters(load_causal_lm(base_dir)[0])
     finally:
@@ -214,7 +214,7 @@ def run(quick: bool = False, root: Path = common.REPO, skill: str | None = None)
     ratio_no_ckpt = summarize(ratios(tps["ours_no_checkpoints"], tps["hand"]))
     mfu = {k: summarize([fpt * t / peak["flops_per_s"] for t in v]) for k, v in tps.items()}
     return {
-        "what": "tokens/s of lib.training.train_lora (trl SFTTrainer + peft) against a hand-written PyTorch loop",
+        "what": "tokens/s of lib.core.training.train_lora (trl SFTTrainer + peft) against a hand-written PyTorch loop",
         "base": base_what, "base_parameters": n_params, "data": data_what, "skill": skill,
         "steps": steps, "repeats": repeats, "batch_size": e.batch_size, "lora_rank": e.rank,
         "target_modules": list(e.target_modules),

@@ -82,7 +82,7 @@ def project(tmp_path_factory) -> Path:
     for d in ("lib", "notebooks", "docs"):
         shutil.copytree(REPO / d, root / d, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy2(REPO / "dvc.yaml", root / "dvc.yaml")
-    from lib.profile import apply
+    from lib.cli.profile import apply
 
     apply("smoke", root / "params.yaml")
     dvc(root, "init", "--no-scm", "-q")

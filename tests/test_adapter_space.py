@@ -1,4 +1,4 @@
-"""lib.adapter_space: peft's add_weighted_adapter against the exact ΔW-space merges, on a tiny
+"""lib.merge.adapter_space: peft's add_weighted_adapter against the exact ΔW-space merges, on a tiny
 peft-wrapped Llama with random (untrained) LoRA experts. Offline, no downloads."""
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ import math
 import pytest
 import torch
 
-from lib import adapter_space as S
-from lib import merging as M
+from lib.merge import adapter_space as S, task_vectors as M
 
 EXPERTS = ("math", "logic", "upper")  # names that are not substrings of peft's "lora_" prefix
 W = [0.5, -1.2, 2.0]

@@ -1,4 +1,4 @@
-"""lib.arrow: peft's Arrow routing (and GenKnowSub) over random LoRA experts saved to tmp dirs, on
+"""lib.route.arrow: peft's Arrow routing (and GenKnowSub) over random LoRA experts saved to tmp dirs, on
 a tiny char-level Llama, generating through the evaluation harness. Offline, no downloads."""
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import torch
 
 from conftest import peaked_tiny_llama
 
-from lib import arrow as A
-from lib.evaluation import generate
-from lib.tokenization import build_char_tokenizer
+from lib.route import arrow as A
+from lib.core.evaluation import generate
+from lib.core.tokenization import build_char_tokenizer
 
 PROMPTS = [f"add {i}+{2 * i} =" for i in range(6)] + ["x", "a longer prompt here ="]
 THREE = ("math", "logic", "upper")

@@ -82,7 +82,7 @@ def test_verdict_met_and_missed():
 def test_stage_spans_from_a_timestamped_dvc_log():
     lines = [
         (0.0, "Running stage 'synthesize':"),
-        (0.1, "> python -m lib.run_stage synthesize"),
+        (0.1, "> python -m lib.cli.run_stage synthesize"),
         (9.0, "Updating lock file 'dvc.lock'"),
         (9.5, "Running stage 'expert@inc':"),
         (10.0, "Stage 'base' didn't change, skipping"),

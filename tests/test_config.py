@@ -6,8 +6,10 @@ import pytest
 import yaml
 
 from conftest import PARAMS, PROFILES, set_dotted
-from lib import config, run_stage, skills as skill_lib
-from lib.stages import get_stage
+from lib.core import config
+from lib.cli import run_stage
+from lib import skills as skill_lib
+from lib.core.stages import get_stage
 
 SECTIONS = list(get_stage("synthesize").sections)
 KNOWN_SKILLS = sorted(skill_lib.all_skills())
@@ -212,19 +214,19 @@ def test_run_stage_unknown_profile_exit_code(workdir, capsys):
 
 
 def test_method_name_lists_match_the_registries():
-    from lib import merging
+    from lib.merge import task_vectors as merging
 
     assert set(config.MERGE_METHOD_NAMES) == set(merging.MERGE_METHODS)
-    from lib import adapter_space
+    from lib.merge import adapter_space
 
     assert set(config.PEFT_COMBINATION_NAMES) == set(adapter_space.PEFT_COMBINATIONS)
 
 
 @pytest.mark.parametrize("profile", sorted(p.stem for p in PROFILES.glob("*.yaml")))
 def test_every_shipped_profile_validates_and_applies(workdir, profile):
-    """A profile is applied by rewriting params.yaml (python -m lib.profile): every shipped
+    """A profile is applied by rewriting params.yaml (python -m lib.cli.profile): every shipped
     one must pass the same validation, and only change the keys it names."""
-    from lib.profile import apply
+    from lib.cli.profile import apply
 
     before = yaml.safe_load((workdir / "params.yaml").read_text())
     override = yaml.safe_load((PROFILES / f"{profile}.yaml").read_text())

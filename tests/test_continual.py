@@ -11,9 +11,8 @@ import pytest
 import torch
 
 from conftest import peaked_tiny_llama, smoke_params
-from lib import config
-from lib import continual as C
-from lib import continual_train as CT
+from lib.core import config
+from lib.continual import loop as CT, study as C
 
 # --------------------------------------------------------------------------- accuracy-matrix metrics
 
@@ -143,7 +142,7 @@ def test_olora_penalty_is_zero_for_orthogonal_rows():
 
 @pytest.fixture(scope="module")
 def tiny(one_thread):
-    from lib.tokenization import build_char_tokenizer
+    from lib.core.tokenization import build_char_tokenizer
 
     tok = build_char_tokenizer()
     model = peaked_tiny_llama(tok)
@@ -251,7 +250,7 @@ def test_other_bad_continual_params():
 
 
 def test_registry_names_match_the_config_names():
-    from lib.continual_strategies import STRATEGIES, get_strategy
+    from lib.continual.strategies import STRATEGIES, get_strategy
 
     assert set(STRATEGIES) == set(config.CONTINUAL_STRATEGY_NAMES)
     assert set(C.CURVE_STRATEGIES) < set(STRATEGIES)
@@ -279,7 +278,7 @@ def test_tasks_must_be_training_skills(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_project(tmp_path_factory, tiny):
-    from lib import data
+    from lib.synth import datasets as data
 
     tok, model = tiny
     root = tmp_path_factory.mktemp("continual")

@@ -18,7 +18,7 @@ from transformers import DynamicCache, GenerationMixin, LlamaConfig, LlamaForCau
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from lib import skills as skill_lib
-from lib.evaluation import (
+from lib.core.evaluation import (
     EvalResult,
     bootstrap_ci,
     evaluate,
@@ -29,7 +29,7 @@ from lib.evaluation import (
     normalize,
     reliability_table,
 )
-from lib.tokenization import build_char_tokenizer
+from lib.core.tokenization import build_char_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -359,7 +359,7 @@ def test_reliability_diagram_draws(tok):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from lib.plotting import reliability_diagram, set_style
+    from lib.core.plotting import reliability_diagram, set_style
 
     set_style()
     res = EvalResult(

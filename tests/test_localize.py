@@ -11,11 +11,10 @@ import pytest
 import torch
 
 from conftest import peaked_tiny_llama, smoke_params
-from lib import config
-from lib import grafting as G
-from lib import localize as LZ
-from lib.finetune import considered_names
-from lib.tokenization import build_char_tokenizer
+from lib.core import config
+from lib.localize import grafting as G, study as LZ
+from lib.localize.finetune import considered_names
+from lib.core.tokenization import build_char_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

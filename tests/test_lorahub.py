@@ -1,4 +1,4 @@
-"""lib.lorahub: LoraHub's gradient-free weight search in ΔW space, on a tiny char-level Llama with
+"""lib.route.lorahub: LoraHub's gradient-free weight search in ΔW space, on a tiny char-level Llama with
 two random LoRA "experts"; the target task is whatever expert A answers. Offline, no downloads."""
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import torch
 
 from conftest import peaked_tiny_llama
 
-from lib import lorahub as H
-from lib import merging as M
-from lib.evaluation import generate
-from lib.tokenization import build_char_tokenizer
+from lib.route import lorahub as H
+from lib.merge import task_vectors as M
+from lib.core.evaluation import generate
+from lib.core.tokenization import build_char_tokenizer
 
 EXPERTS = ("skill_a", "skill_b")
 PROMPTS = [f"add {i}+{2 * i} =" for i in range(8)]

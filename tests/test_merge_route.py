@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lib import merge_route as MR
-from lib.config import EvalParams
+from lib.merge import leaderboard as MR
+from lib.core.config import EvalParams
 
 
 def _examples(correct_by_skill: dict[str, list[int]]) -> pd.DataFrame:
@@ -120,7 +120,7 @@ def test_leaderboard_rows_costs_and_relative_speed():
 def test_metrics_json_writes_nan_as_null(tmp_path):
     import json
 
-    from lib import io
+    from lib.core import io
 
     path = io.write_json(tmp_path / "m.json", {"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": np.float64("nan")}, "e": 0.5})
     assert json.loads(path.read_text()) == {"a": None, "b": [1.0, None], "c": {"d": None}, "e": 0.5}
@@ -131,7 +131,7 @@ def test_recipe_row_reads_params_and_measured_metrics(tmp_path):
 
     import yaml
 
-    from lib import recipes
+    from lib.report import recipes
 
     (tmp_path / "metrics").mkdir()
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({

@@ -1,4 +1,4 @@
-"""Formula tests for lib.merging: each merge method against its paper's formula, worked by hand
+"""Formula tests for lib.merge.task_vectors: each merge method against its paper's formula, worked by hand
 on small tensors, plus exact task vectors on a tiny peft-wrapped Llama (no downloads)."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from lib import merging as M
+from lib.merge import task_vectors as M
 
 T = torch.tensor
 

@@ -1,4 +1,4 @@
-"""The pipeline's files agree with each other: README, dvc.yaml, lib/stages.py, notebooks, params.yaml, CI."""
+"""The pipeline's files agree with each other: README, dvc.yaml, lib/core/stages.py, notebooks, params.yaml, CI."""
 from __future__ import annotations
 
 import ast
@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from conftest import PARAMS, REPO
-from lib import config
-from lib.stages import STAGES
+from lib.core import config
+from lib.core.stages import STAGES
 
 README = REPO / "README.md"
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
@@ -74,14 +74,14 @@ def test_readme_has_the_commands():
 
 def test_readme_path_filter():
     """The filter the README test relies on: real paths in, placeholders and outputs out."""
-    sample = "`lib/config.py` `params.yaml` `datasets/skills/add` `data/skills/<name>.yaml` `lib.run_stage` `synthesize.n_train=64` `reports/notebooks/*.html` `Makefile`"
-    assert _readme_paths(sample) == ["lib/config.py", "params.yaml", "Makefile"]
+    sample = "`lib/core/config.py` `params.yaml` `datasets/skills/add` `data/skills/<name>.yaml` `lib.cli.run_stage` `synthesize.n_train=64` `reports/notebooks/*.html` `Makefile`"
+    assert _readme_paths(sample) == ["lib/core/config.py", "params.yaml", "Makefile"]
 
 
 # Training steps are plain commands (no notebook): one per skill or budget, run by foreach.
 SINGLE_TRAINING_STEPS = {"general"}  # one run, not one per skill
-# Training steps with their own module: stage 06's full fine-tuning (lib/finetune.py).
-MODULE_OF_STEP = {"finetune": "lib.finetune"}
+# Training steps with their own module: stage 06's full fine-tuning (lib/localize/finetune.py).
+MODULE_OF_STEP = {"finetune": "lib.localize.finetune"}
 TRAINING_STEPS = {"expert", "joint", *SINGLE_TRAINING_STEPS, *MODULE_OF_STEP}
 
 
@@ -97,7 +97,7 @@ def test_training_steps_run_train_expert_and_never_a_notebook():
         else:
             assert "foreach" in raw[name] or "matrix" in raw[name], f"{name}: one DVC stage per skill/budget"
             do = raw[name]["do"]
-        assert shlex.split(do["cmd"])[:3] == ["python", "-m", MODULE_OF_STEP.get(name, "lib.train_expert")]
+        assert shlex.split(do["cmd"])[:3] == ["python", "-m", MODULE_OF_STEP.get(name, "lib.experts.train")]
         assert [_entry(p) for p in do["params"]][0].split(".")[0] == "experts"
         for dep in do["deps"]:
             assert not dep.startswith("notebooks/"), f"{name} must not depend on a notebook"
@@ -107,20 +107,20 @@ def test_training_steps_run_train_expert_and_never_a_notebook():
 
 def test_dvc_stages_match_lib_stages():
     dvc = _notebook_stages()
-    assert set(dvc) == set(STAGES), f"dvc.yaml stages {sorted(dvc)} != lib.stages.STAGES {sorted(STAGES)}"
+    assert set(dvc) == set(STAGES), f"dvc.yaml stages {sorted(dvc)} != lib.core.stages.STAGES {sorted(STAGES)}"
     for name, stage in dvc.items():
         params = [_entry(p) for p in stage.get("params", [])]
         assert params == list(STAGES[name].sections), (
             f"dvc.yaml stage {name!r} params {params} must be exactly the sections it reads: {list(STAGES[name].sections)}"
         )
         for section in params:
-            assert section in config.SCHEMAS, f"{name}: params section {section!r} has no schema in lib/config.py"
+            assert section in config.SCHEMAS, f"{name}: params section {section!r} has no schema in lib/core/config.py"
 
 
 def test_dvc_deps_and_notebooks_exist():
     for name, stage in _notebook_stages().items():
         cmd = shlex.split(stage["cmd"])
-        assert cmd[:3] == ["python", "-m", "lib.run_stage"], f"{name}: stages run through lib.run_stage, got {stage['cmd']!r}"
+        assert cmd[:3] == ["python", "-m", "lib.cli.run_stage"], f"{name}: stages run through lib.cli.run_stage, got {stage['cmd']!r}"
         assert cmd[3] == name, f"dvc.yaml stage {name!r} runs stage {cmd[3]!r}"
         notebook = f"notebooks/{STAGES[name].notebook}"
         assert (REPO / notebook).is_file(), f"{name}: {notebook} does not exist"
@@ -170,7 +170,7 @@ def _parameters(path) -> dict:
 def test_notebook_parameters_equal_params_yaml(path):
     values = _parameters(path)
     params = yaml.safe_load(PARAMS.read_text())
-    assert "workdir" in values, f"{path.name}: lib.run_stage passes `workdir`; the parameters cell must define it"
+    assert "workdir" in values, f"{path.name}: lib.cli.run_stage passes `workdir`; the parameters cell must define it"
     for name, value in values.items():
         if name in params:
             assert value == params[name], f"{path.name}: default of `{name}` differs from params.yaml's section"

@@ -25,11 +25,16 @@ import yaml
 from datasets import DatasetDict
 
 from conftest import BIN, REPO, dvc, peaked_tiny_llama, set_dotted, smoke_params
-from lib import config, data, experts, run_stage, train_expert, training
-from lib.config import ExpertsParams, SkillsParams, SynthesizeParams
-from lib.modeling import ModelLoadError, load_causal_lm
-from lib.stages import STAGES
-from lib.tokenization import build_char_tokenizer
+from lib.core import config
+from lib.synth import datasets as data
+from lib.experts import adapters as experts
+from lib.cli import run_stage
+from lib.experts import train as train_expert
+from lib.core import training
+from lib.core.config import ExpertsParams, SkillsParams, SynthesizeParams
+from lib.core.modeling import ModelLoadError, load_causal_lm
+from lib.core.stages import STAGES
+from lib.core.tokenization import build_char_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -455,7 +460,7 @@ def test_rerunning_a_stage_gives_identical_metrics(project, tmp_path):
 
 
 def _minimal_copy(src: Path, dest: Path, skill: str) -> Path:
-    """What ``python -m lib.train_expert <skill>`` reads: the base, the skill's data, params."""
+    """What ``python -m lib.experts.train <skill>`` reads: the base, the skill's data, params."""
     for part in ("models/base", f"datasets/skills/{skill}", "profiles"):
         shutil.copytree(src / part, dest / part)
     shutil.copy2(src / "params.yaml", dest / "params.yaml")
@@ -463,7 +468,7 @@ def _minimal_copy(src: Path, dest: Path, skill: str) -> Path:
 
 
 def _train_expert_process(root: Path, skill: str, *more_roots: Path) -> dict | list[dict]:
-    """``lib.train_expert``'s ``run(skill)`` in each root, in one process of its own like the one DVC
+    """``lib.experts.train``'s ``run(skill)`` in each root, in one process of its own like the one DVC
     starts (default torch threads, unlike this test process)."""
     roots = [root, *more_roots]
     code = ("import sys\nfrom lib import train_expert\n"
@@ -476,7 +481,7 @@ def _train_expert_process(root: Path, skill: str, *more_roots: Path) -> dict | l
 
 
 def test_expert_seed_changes_the_adapter_but_it_stays_valid(project, tmp_path):
-    from lib.evaluation import evaluate
+    from lib.core.evaluation import evaluate
 
     params = smoke_params(project)
     skill = params["skills"]["train"][0]
@@ -544,8 +549,8 @@ def test_trust_remote_code_is_off_by_default():
 def test_default_profile_makes_no_network_connection(tmp_path, monkeypatch):
     """Stage 01-03 code paths of the default profile (shrunk) with the hub forced offline and
     every non-loopback connection or DNS lookup refused and recorded."""
-    from lib.base_model import prepare_base
-    from lib.evaluation import evaluate
+    from lib.experts.base import prepare_base
+    from lib.core.evaluation import evaluate
 
     assert os.environ.get("HF_HUB_OFFLINE") == "1"  # conftest forces the hub offline for every test
     attempts = []

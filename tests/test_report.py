@@ -10,9 +10,8 @@ import nbformat
 import pandas as pd
 import pytest
 
-from lib import claims as C
-from lib import report
-from lib.claims import HELD, INCONCLUSIVE, NOT_HELD, Interval, verdict
+from lib.report import claims as C, tables as report
+from lib.report.claims import HELD, INCONCLUSIVE, NOT_HELD, Interval, verdict
 
 # CI sets REQUIRE_BROWSER=1 after installing chromium: there a missing browser is a failure.
 needs_browser = pytest.mark.skipif(
@@ -146,7 +145,8 @@ def _executed_notebook_with_figure(path):
 
 @needs_browser
 def test_html_report_loads_with_tables_links_and_figures(tmp_path):
-    from lib import html_check, html_report
+    from lib.cli import html_check
+    from lib.report import html as html_report
 
     _executed_notebook_with_figure(tmp_path / "reports" / "notebooks" / "04_merge_route.ipynb")
     m = metrics_fixture()
@@ -162,7 +162,7 @@ def test_html_report_loads_with_tables_links_and_figures(tmp_path):
 
 @needs_browser
 def test_the_browser_check_sees_a_broken_image(tmp_path):
-    from lib import html_check
+    from lib.cli import html_check
 
     page = tmp_path / "broken.html"
     page.write_text("<html><body><table></table><img src='missing.png'></body></html>")
@@ -182,7 +182,7 @@ def test_smoke_report_is_computed_from_the_run(project):
 
 @needs_browser
 def test_smoke_html_report_reads_like_a_report(project, tmp_path):
-    from lib import html_check
+    from lib.cli import html_check
 
     html_dir = project / "reports" / "html"
     index = html_check.check_page(html_dir / "index.html", tmp_path)

@@ -1,9 +1,9 @@
-"""Routers between LoRA experts (lib/routing.py): task router, soft mixture, logit ensemble.
+"""Routers between LoRA experts (lib/route/routing.py): task router, soft mixture, logit ensemble.
 
 Every model is a tiny random Llama (hidden 32, one layer) with two random LoRA adapters
 (``init_lora_weights=False``: non-zero updates without training), built here. Each method
 is checked against an independent reference: the harness run with one adapter, hard
-routing through peft's mixed-adapter batches, the exact linear merge of ``lib.merging``,
+routing through peft's mixed-adapter batches, the exact linear merge of ``lib.merge.task_vectors``,
 or per-adapter softmaxes computed from scratch without a KV cache.
 """
 from __future__ import annotations
@@ -18,10 +18,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lib.evaluation import evaluate, generate
-from lib.merging import apply_merged, merge_task_vectors, task_vectors
-from lib.routing import LogitEnsemble, SoftMixture, TaskRouter, confusion_matrix, family_mass
-from lib.tokenization import build_char_tokenizer
+from lib.core.evaluation import evaluate, generate
+from lib.merge.task_vectors import apply_merged, merge_task_vectors, task_vectors
+from lib.route.routing import LogitEnsemble, SoftMixture, TaskRouter, confusion_matrix, family_mass
+from lib.core.tokenization import build_char_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -173,7 +173,7 @@ def test_router_rejects_bad_input(tok, models):
 
 
 def test_features_ignore_padding_and_adapters(tok, models):
-    from lib.evaluation import _left_pad
+    from lib.core.evaluation import _left_pad
 
     model = models[1]
     r = TaskRouter(NAMES, batch_size=64)
@@ -339,7 +339,7 @@ def _mean_probs_from_scratch(model, ids: list[int], names) -> torch.Tensor:
 
 
 def test_ensemble_distribution_is_mean_of_expert_softmaxes(tok, models):
-    from lib.evaluation import _left_pad
+    from lib.core.evaluation import _left_pad
 
     model = models[1]
     names = ["alpha", "beta"]
@@ -377,7 +377,7 @@ def test_ensemble_stops_rows_at_eos_and_pads(tok, models):
     model = models[1]
     ens = LogitEnsemble(model, ["alpha", "beta"])
     enc = tok(PROMPTS, add_special_tokens=True)["input_ids"]
-    from lib.evaluation import _left_pad
+    from lib.core.evaluation import _left_pad
 
     ids, mask = _left_pad(enc, tok.pad_token_id, torch.device("cpu"))
     free = ens.generate(ids, mask, max_new_tokens=MAX_NEW, eos_token_id=[tok.eos_token_id], pad_token_id=tok.pad_token_id)

@@ -14,9 +14,12 @@ import yaml
 from datasets import DatasetDict
 
 from conftest import DATA, make_workdir
-from lib import config, data, run_stage, skills as skill_lib
-from lib.config import SkillsParams, SynthesizeParams, TeacherParams
-from lib.stages import get_stage
+from lib.core import config
+from lib.synth import datasets as data
+from lib.cli import run_stage
+from lib import skills as skill_lib
+from lib.core.config import SkillsParams, SynthesizeParams, TeacherParams
+from lib.core.stages import get_stage
 
 SECTIONS = list(get_stage("synthesize").sections)
 
@@ -35,7 +38,7 @@ def _digest(tree: dict[str, bytes]) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    """Stage 01 run once through lib.run_stage (papermill) in a scratch project."""
+    """Stage 01 run once through lib.cli.run_stage (papermill) in a scratch project."""
     root = make_workdir(tmp_path_factory.mktemp("stage01") / "project")
     notebook = run_stage.run("synthesize", profile="smoke", workdir=root, progress=False)
     cfg = config.load(SECTIONS, root / "params.yaml", profile="smoke")
@@ -286,7 +289,7 @@ def test_card_with_wrong_answer_names_the_file(tmp_path):
 
 
 def test_near_duplicate_filter():
-    from lib import teacher
+    from lib.synth import teacher
 
     assert teacher.near_duplicate_filter(["abcd", "abce", "zzzz"], 0.7) == ([0, 2], [1])
     assert teacher.near_duplicate_filter(["abcd", "abce", "zzzz"], 0.8) == ([0, 1, 2], [])
@@ -295,7 +298,7 @@ def test_near_duplicate_filter():
 
 
 def test_missing_teacher_is_a_clear_error(tmp_path):
-    from lib.modeling import ModelLoadError, load_causal_lm
+    from lib.core.modeling import ModelLoadError, load_causal_lm
 
     missing = tmp_path / "no_teacher_here"
     with pytest.raises(ModelLoadError) as e:
@@ -313,7 +316,7 @@ def _train_tiny_teacher(path: Path, skill_name: str, steps: int = 200) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lib.tokenization import build_char_tokenizer
+    from lib.core.tokenization import build_char_tokenizer
 
     tok = build_char_tokenizer()
     torch.manual_seed(0)
@@ -399,7 +402,7 @@ def test_a_new_skill_flows_through_synthesis_without_code_changes(smoke_params, 
 
 
 def test_corpus_skill_lines_show_training_skills_under_an_alias():
-    from lib.config import SkillsParams, SynthesizeParams
+    from lib.core.config import SkillsParams, SynthesizeParams
 
     skills = SkillsParams(train=["inc", "reverse", "count"], heldout=["mindigit"], difficulty={"default": 3})
     plain = data.corpus(skills, SynthesizeParams(corpus_size=400))

@@ -18,11 +18,13 @@ import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import make_workdir
-from lib import data, experts, train_expert, training
-from lib.base_model import prepare_base
-from lib.config import EvalParams, ExpertsParams, ModelParams, SkillsParams, SynthesizeParams
-from lib.modeling import ModelLoadError, load_causal_lm
-from lib.tokenization import build_char_tokenizer
+from lib.synth import datasets as data
+from lib.experts import adapters as experts, train as train_expert
+from lib.core import training
+from lib.experts.base import prepare_base
+from lib.core.config import EvalParams, ExpertsParams, ModelParams, SkillsParams, SynthesizeParams
+from lib.core.modeling import ModelLoadError, load_causal_lm
+from lib.core.tokenization import build_char_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -422,7 +424,7 @@ def test_lean_trainer_loss_equals_trls_own_loss_on_the_same_batch(tmp_path, scra
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    from lib.sft import LeanSFTTrainer
+    from lib.core.sft import LeanSFTTrainer
 
     _, _, base = scratch_base
     rows = training.sft_rows(skill_sets()["reverse"]["train"])
@@ -470,7 +472,7 @@ def test_train_expert_runs_data_parallel_under_a_distributed_launcher(project, s
     (project / "params.yaml").write_text(yaml.safe_dump(p))
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "lib.train_expert", "reverse"], cwd=project, env=env, capture_output=True, text=True,
+                          "-m", "lib.experts.train", "reverse"], cwd=project, env=env, capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, run.stderr[-12000:]
     out = project / "models" / "experts" / "reverse"
@@ -478,7 +480,7 @@ def test_train_expert_runs_data_parallel_under_a_distributed_launcher(project, s
     assert info["processes"] == 2 and info["steps_run"] == 6
     assert info["examples_seen"] == 6 * 4 * 2  # a per-process batch of 4 on each of 2 processes
     assert not Path(str(out) + ".partial").exists()
-    from lib.experts import load_with_adapters
+    from lib.experts.adapters import load_with_adapters
 
     model, _ = load_with_adapters(project / "models" / "base", {"reverse": out})  # checks files and keys
     assert "reverse" in model.peft_config

@@ -1,0 +1,44 @@
+"""Apply a profile: merge ``profiles/<name>.yaml`` into params.yaml so DVC tracks it.
+
+    python -m lib.cli.profile smoke      # or gpu; `git checkout params.yaml` goes back
+
+DVC reads its params from params.yaml only, so a profile is applied by rewriting that
+file (comments are lost; the merged values are validated first). `dvc exp run -S` does
+the same for single keys.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from lib.core import config
+
+
+def apply(profile: str, params: str | Path = "params.yaml") -> dict:
+    merged = config.read_params(params, profile)
+    for section, values in merged.items():
+        config.validate_section(section, values, f"{params} + profile {profile}")
+    Path(params).write_text(f"# params.yaml with profile {profile!r} applied (python -m lib.cli.profile)\n"
+                            + yaml.safe_dump(merged, sort_keys=False))
+    return merged
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("profile")
+    ap.add_argument("--params", default="params.yaml")
+    args = ap.parse_args(argv)
+    try:
+        apply(args.profile, args.params)
+    except config.ParamsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"applied profile {args.profile!r} to {args.params}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

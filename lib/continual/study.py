@@ -1,0 +1,369 @@
+"""Stage 05: learning skills one after another: what each strategy forgets, and what not forgetting costs.
+
+A *run* is one strategy learning the tasks (skills) of one order, with one seed. It
+produces an accuracy matrix and, for the strategies that train one model through the
+sequence, a stability curve. The strategies are a registry in
+``lib/continual/strategies.py`` (``STRATEGIES``, chosen by name in ``continual.strategies``);
+the training core is ``lib/continual/loop.py``.
+
+Definitions (tasks numbered 1..T in the order learned; code indexes from 0)
+--------------------------------------------------------------------------
+``R[i][j]`` is the exact-match accuracy on skill j's full test split after learning tasks
+1..i; row 0 is the base model, so ``R`` has T + 1 rows and T columns.
+
+* ``ACC = (1/T) Σ_j R[T][j]``: mean final accuracy.
+* ``BWT = 1/(T−1) Σ_{j<T} (R[T][j] − R[j][j])``: backward transfer (negative = forgetting).
+* ``FWT = 1/(T−1) Σ_{j>1} (R[j−1][j] − R[0][j])``: forward transfer, accuracy on a skill
+  just before it is learned, against the base model.
+* ``forgetting_j = max_{l ∈ 1..T−1} R[l][j] − R[T][j]`` for ``j < T`` (Chaudhry et al. 2018;
+  the base row is not a candidate for the maximum); ``forgetting`` is its mean over j < T.
+
+(Lopez-Paz & Ranzato 2017 for ACC/BWT/FWT.) A strategy's row ``i`` for a skill it has not
+learned yet is still measured: for the expert library a skill with no expert yet is
+answered by the merge / the router's best guess among the experts it has.
+
+Stability gap (De Lange et al. 2023): during training every ``eval_every`` steps, and at
+every task end, each run is scored on a fixed probe set: the first ``eval_n`` test prompts
+of every skill learned so far (the earlier tasks' and the current one's). For the switch to task t (t = 2..T), at global step
+``s_t = (t−1)·steps_per_task``, and every earlier skill j < t, with ``a_j(s)`` the probe
+accuracy of skill j at step s and ``w = ceil(gap_window · steps_per_task)``:
+
+* ``m = min { a_j(s) : s_t < s ≤ s_t + w }``: the minimum just after the switch
+  (``min_after_switch``);
+* ``depth = a_j(s_t) − m``: how far accuracy on the old skill falls in the first part of the
+  new task (negative when it rises);
+* ``recovery = a_j(s_t + steps_per_task) − m``: how much of it comes back by the end of the
+  new task (negative when accuracy keeps falling after the first part).
+
+Each is averaged over all (switch, earlier skill) pairs of a run. Only strategies that
+train one model through the sequence have a curve (the sequential ones, replay, EWC, L2,
+O-LoRA); the expert library does not train, and multitask is retrained from scratch at
+every step, so neither has a stability gap.
+
+Confidence intervals (every ``CI`` in ``metrics/continual.json``): over the runs, i.e. the
+``len(orders) × len(seeds)`` values of a metric, ``mean ± t_{0.975, n−1} · sd / √n``
+(Student t, sample sd); with one run ``lo = hi = mean``. The spread therefore mixes the
+effect of the order with that of the seed; the notebook also shows each order separately.
+``R`` in the JSON is the mean over seeds, per order.
+
+Costs: ``trainable_params`` are the parameters updated while learning one task (one LoRA,
+or the whole model for ``sequential_full``); ``params_held`` every parameter the strategy
+keeps at the end to answer and to keep learning (base model + adapters + EWC's Fisher and
+anchors, L2's anchor, O-LoRA's earlier A matrices, the expert library, the router);
+``wall_s`` the seconds spent learning the whole sequence (training steps, Fisher, merges and
+λ choice, router fits; evaluation excluded), mean over runs. The library's experts were
+trained in stage 03, so their training seconds (``train_info.json``) are added to its
+``wall_s``. Seconds are measured on whatever machine runs the stage, with any contention.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from lib.core import config
+from lib import skills as skill_lib
+
+CURVE_STRATEGIES = ("sequential_lora", "sequential_full", "replay", "ewc", "l2", "olora")
+"""Strategies that train one model through the sequence, hence have a stability curve."""
+
+
+# --------------------------------------------------------------------------- accuracy-matrix metrics
+
+
+def _matrix(R) -> np.ndarray:
+    R = np.asarray(R, dtype=float)
+    if R.ndim != 2 or R.shape[0] != R.shape[1] + 1 or R.shape[1] < 2:
+        raise ValueError(f"an accuracy matrix has T + 1 rows (row 0 = base) and T >= 2 columns, got shape {R.shape}")
+    return R
+
+
+def acc(R) -> float:
+    R = _matrix(R)
+    return float(R[-1].mean())
+
+
+def bwt(R) -> float:
+    R = _matrix(R)
+    T = R.shape[1]
+    return float(np.mean([R[T, j] - R[j + 1, j] for j in range(T - 1)]))
+
+
+def fwt(R) -> float:
+    R = _matrix(R)
+    T = R.shape[1]
+    return float(np.mean([R[j, j] - R[0, j] for j in range(1, T)]))
+
+
+def forgetting_per_task(R) -> np.ndarray:
+    """``forgetting_j`` for j = 1..T−1 (0-based columns 0..T−2)."""
+    R = _matrix(R)
+    T = R.shape[1]
+    return np.array([R[1:T, j].max() - R[T, j] for j in range(T - 1)])
+
+
+def forgetting(R) -> float:
+    return float(forgetting_per_task(R).mean())
+
+
+def matrix_metrics(R) -> dict[str, float]:
+    return {"ACC": acc(R), "BWT": bwt(R), "FWT": fwt(R), "forgetting": forgetting(R)}
+
+
+# --------------------------------------------------------------------------- stability gap
+
+
+def switch_points(curve: pd.DataFrame, skills: Sequence[str], steps_per_task: int, gap_window: float) -> pd.DataFrame:
+    """One row per task switch t (2..T) and earlier skill j < t: ``switch, step, skill,
+    at_switch`` (a_j(s_t)), ``min_after`` (the minimum in (s_t, s_t + w]), ``at_end``
+    (a_j(s_t + steps_per_task)), ``depth`` and ``recovery`` (see the module docstring).
+
+    ``curve``: rows ``step, skill, accuracy`` (global steps, the run's probe evaluations).
+    Every needed point must be there: the accuracy at each switch and at each task end,
+    and at least one evaluation in every window; a missing one is a ValueError.
+    """
+    skills = list(skills)
+    w = max(1, math.ceil(gap_window * steps_per_task))
+    by = {sk: g.set_index("step")["accuracy"].sort_index() for sk, g in curve.groupby("skill")}
+    rows = []
+    for t in range(2, len(skills) + 1):
+        s_t = (t - 1) * steps_per_task
+        for j in skills[: t - 1]:
+            if j not in by:
+                raise ValueError(f"no curve points for skill {j!r}")
+            a = by[j]
+            for s in (s_t, s_t + steps_per_task):
+                if s not in a.index:
+                    raise ValueError(f"curve of {j!r} lacks step {s} (a switch or a task end)")
+            window = a[(a.index > s_t) & (a.index <= s_t + w)]
+            if window.empty:
+                raise ValueError(f"curve of {j!r} has no evaluation in steps ({s_t}, {s_t + w}]: lower eval_every")
+            m = float(window.min())
+            rows.append({"switch": t, "step": s_t, "skill": j, "at_switch": float(a[s_t]), "min_after": m,
+                         "at_end": float(a[s_t + steps_per_task]), "depth": float(a[s_t]) - m,
+                         "recovery": float(a[s_t + steps_per_task]) - m})
+    return pd.DataFrame(rows)
+
+
+def stability_gap(curve: pd.DataFrame, skills: Sequence[str], steps_per_task: int, gap_window: float) -> dict[str, float]:
+    """``depth``, ``recovery`` and ``min_after_switch`` of one run: the means over every
+    (switch, earlier skill) pair of :func:`switch_points`."""
+    pts = switch_points(curve, skills, steps_per_task, gap_window)
+    return {"depth": float(pts.depth.mean()), "recovery": float(pts.recovery.mean()),
+            "min_after_switch": float(pts.min_after.mean())}
+
+
+# --------------------------------------------------------------------------- intervals
+
+
+def ci(values: Sequence[float], level: float = 0.95) -> dict[str, Any]:
+    """``{"mean", "lo", "hi", "n"}``: Student-t interval over runs (lo = hi = mean for one run)."""
+    x = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=float)
+    if x.size == 0:
+        return {"mean": None, "lo": None, "hi": None, "n": 0}
+    mean = float(x.mean())
+    if x.size == 1:
+        return {"mean": mean, "lo": mean, "hi": mean, "n": 1}
+    from scipy import stats
+
+    half = float(stats.t.ppf(0.5 + level / 2, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size))
+    return {"mean": mean, "lo": mean - half, "hi": mean + half, "n": int(x.size)}
+
+
+# --------------------------------------------------------------------------- task orders
+
+
+def _families(tasks: Sequence[str]) -> dict[str, list[str]]:
+    fam: dict[str, list[str]] = {}
+    for t in tasks:
+        fam.setdefault(skill_lib.get_skill(t).family, []).append(t)
+    return fam
+
+
+def build_order(name: str, tasks: Sequence[str]) -> list[str]:
+    """A task order from ``continual.tasks``: ``given`` as listed; ``grouped`` keeps each
+    family's tasks together (families in order of first appearance); ``alternating`` takes
+    one task per family in turn (round robin), so consecutive tasks differ in family
+    wherever the family sizes allow. Both start with the first task listed."""
+    tasks = list(tasks)
+    if name == "given":
+        return tasks
+    fam = _families(tasks)
+    if name == "grouped":
+        return [t for group in fam.values() for t in group]
+    if name == "alternating":
+        out, groups = [], [list(g) for g in fam.values()]
+        while any(groups):
+            for g in groups:
+                if g:
+                    out.append(g.pop(0))
+        return out
+    raise config.ParamsError(f"unknown task order {name!r}; known orders: {', '.join(config.CONTINUAL_ORDER_NAMES)}")
+
+
+def build_orders(c) -> dict[str, list[str]]:
+    return {name: build_order(name, c.tasks) for name in c.orders}
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class RunResult:
+    """One strategy on one order with one seed. ``R``: (T + 1) × T accuracy matrix, columns
+    in the order's task order. ``curve``: global ``step, task, skill, accuracy`` probe points
+    (empty for strategies without a curve)."""
+
+    strategy: str
+    order: str
+    seed: int
+    skills: list[str]
+    R: np.ndarray
+    curve: pd.DataFrame
+    trainable_params: int
+    params_held: int
+    wall_s: float
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def check_params(skills, c, root: str | Path = ".") -> None:
+    """Cross-section checks the schemas cannot make: every task is a training skill with a
+    dataset, and the library strategies have their stage-03 experts."""
+    not_trained = [t for t in c.tasks if t not in skills.train]
+    if not_trained:
+        raise config.ParamsError(f"continual.tasks: {not_trained} not in skills.train {skills.train}; "
+                                 "a continual task needs its stage-01 data and stage-03 expert")
+    root = Path(root)
+    for t in c.tasks:
+        if not (root / "datasets" / "skills" / t).exists():
+            raise config.ParamsError(f"continual.tasks: no dataset {root / 'datasets' / 'skills' / t}; run stage 01")
+    if {"library_merge", "library_route"} & set(c.strategies):
+        missing = [t for t in c.tasks if not (root / "models" / "experts" / t / "adapter_config.json").exists()]
+        if missing:
+            raise config.ParamsError(f"the library strategies need the stage-03 experts of {missing} "
+                                     f"(models/experts/<skill>); run `dvc repro expert@{missing[0]}`")
+
+
+def _run_seed(root: str, params: dict, orders: dict[str, list[str]], seed: int, queue=None) -> list[RunResult]:
+    """Every strategy on every order for one seed, in one process (task-1 trainings and rows
+    shared between strategies and orders that start alike are computed once). One item is
+    put on ``queue`` (or passed to it, if callable) per finished run, for the progress bar."""
+    import torch
+
+    from lib.core import io
+    from lib.continual.strategies import Study
+
+    io.quiet_notebook()  # a worker's library chatter would land in the executed notebook
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread per process is fastest (measured) and reproducible
+    try:
+        cfg = config.from_notebook(**params)
+        study = Study(Path(root), cfg["skills"], cfg["experts"], cfg["evaluation"], cfg["continual"])
+        tick = queue if callable(queue) or queue is None else (lambda: queue.put(1))
+        return study.run_all(orders, seed, on_run=tick)
+    finally:
+        torch.set_num_threads(before)
+
+
+def run_study(root: str | Path, skills, e, ev, c, progress: bool = True) -> list[RunResult]:
+    """Every strategy × order × seed. Seeds run in ``continual.workers`` processes (each one
+    torch thread); the results do not depend on the number of workers."""
+    from tqdm.auto import tqdm
+
+    check_params(skills, c, root)
+    orders = build_orders(c)
+    params = {"skills": skills.model_dump(mode="json"), "experts": e.model_dump(mode="json"),
+              "evaluation": ev.model_dump(mode="json"), "continual": c.model_dump(mode="json")}
+    root = str(Path(root).resolve())
+    workers = min(c.workers, len(c.seeds))
+    bar = tqdm(total=len(c.seeds) * len(orders) * len(c.strategies), desc="continual runs", disable=not progress)
+    try:
+        if workers <= 1:
+            runs = [_run_seed(root, params, orders, s, lambda: bar.update(1)) for s in c.seeds]
+        else:
+            import multiprocessing as mp
+            import queue as queue_lib
+            from concurrent.futures import ProcessPoolExecutor
+
+            ctx = mp.get_context("spawn")
+            with ctx.Manager() as manager, ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+                q = manager.Queue()
+                futures = [pool.submit(_run_seed, root, params, orders, s, q) for s in c.seeds]
+                while not all(f.done() for f in futures):
+                    try:
+                        q.get(timeout=0.5)
+                        bar.update(1)
+                    except queue_lib.Empty:
+                        pass
+                runs = [f.result() for f in futures]
+    finally:
+        bar.close()
+    return [r for seed_runs in runs for r in seed_runs]
+
+
+def runs_table(results: Sequence[RunResult], c) -> pd.DataFrame:
+    """One row per run: its metrics, stability gap (NaN without a curve) and costs."""
+    rows = []
+    for r in results:
+        row = {"strategy": r.strategy, "order": r.order, "seed": r.seed, **matrix_metrics(r.R),
+               "trainable_params": r.trainable_params, "params_held": r.params_held, "wall_s": r.wall_s}
+        if len(r.curve):
+            row.update(stability_gap(r.curve, r.skills, c.steps_per_task, c.gap_window))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def switch_table(results: Sequence[RunResult], c) -> pd.DataFrame:
+    """:func:`switch_points` of every run with a curve, with its strategy, order and seed."""
+    frames = [switch_points(r.curve, r.skills, c.steps_per_task, c.gap_window).assign(strategy=r.strategy, order=r.order,
+                                                                                      seed=r.seed)
+              for r in results if len(r.curve)]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def stability_table(results: Sequence[RunResult]) -> pd.DataFrame:
+    frames = [r.curve.assign(strategy=r.strategy, order=r.order, seed=r.seed) for r in results if len(r.curve)]
+    cols = ["strategy", "order", "seed", "step", "task", "skill", "accuracy"]
+    return pd.concat(frames, ignore_index=True)[cols] if frames else pd.DataFrame(columns=cols)
+
+
+METRICS = ("ACC", "BWT", "FWT", "forgetting")
+GAP = ("depth", "recovery", "min_after_switch")
+
+
+def summarize(results: Sequence[RunResult], c) -> tuple[dict, pd.DataFrame]:
+    """(``metrics/continual.json`` content, ``plots/continual_summary.csv`` table)."""
+    table = runs_table(results, c)
+    orders = build_orders(c)
+    strategies = [s for s in c.strategies if s in set(table.strategy)]
+    out: dict[str, Any] = {"tasks": orders, "seeds": list(c.seeds), "steps_per_task": c.steps_per_task,
+                           "strategies": {}, "stability_gap": {}, "per_order": {}}
+    summary = []
+    for s in strategies:
+        t = table[table.strategy == s]
+        entry = {m: ci(t[m]) for m in METRICS}
+        entry["R"] = {o: np.mean([r.R for r in results if r.strategy == s and r.order == o], axis=0).round(4).tolist()
+                      for o in orders if any(r.strategy == s and r.order == o for r in results)}
+        entry["trainable_params"] = int(t.trainable_params.max())
+        entry["params_held"] = int(t.params_held.max())
+        entry["wall_s"] = round(float(t.wall_s.mean()), 2)
+        out["strategies"][s] = entry
+        out["per_order"][s] = {o: {m: round(float(g[m].mean()), 4) for m in ("ACC", "BWT")} for o, g in t.groupby("order")}
+        row = {"strategy": s, "runs": len(t)}
+        for m in METRICS:
+            row.update({m: entry[m]["mean"], f"{m}_lo": entry[m]["lo"], f"{m}_hi": entry[m]["hi"]})
+        if "depth" in t and t["depth"].notna().any():
+            out["stability_gap"][s] = {g: ci(t[g]) for g in GAP}
+            for g in GAP:
+                row.update({g: out["stability_gap"][s][g]["mean"], f"{g}_lo": out["stability_gap"][s][g]["lo"],
+                            f"{g}_hi": out["stability_gap"][s][g]["hi"]})
+        row.update(trainable_params=entry["trainable_params"], params_held=entry["params_held"], wall_s=entry["wall_s"])
+        summary.append(row)
+    candidates = {s: v["ACC"]["mean"] for s, v in out["strategies"].items() if s != "multitask" and v["ACC"]["mean"] is not None}
+    out["best_strategy"] = max(candidates, key=candidates.get) if candidates else None
+    return out, pd.DataFrame(summary)

@@ -1,0 +1,494 @@
+"""Typed, validated params: every stage parses its params.yaml sections here first.
+
+Each section of params.yaml has a pydantic schema with unknown keys forbidden. A bad
+value stops the stage with ``ParamsError``: one message naming the key, the bad value and
+what is allowed, before any work starts. Notebooks validate the same way, so a notebook
+run by hand and one run by ``dvc repro`` accept and reject the same values.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from lib import skills as skill_lib
+
+
+class ParamsError(ValueError):
+    """A params.yaml value that cannot be used; the message says which and what is allowed."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _skill_list(names: list[str], what: str = "skill") -> list[str]:
+    """Every name a known skill, none twice."""
+    for n in names:
+        _check_skill(n)
+    if len(set(names)) != len(names):
+        raise ValueError(f"a {what} is listed twice: {names}")
+    return names
+
+
+def _check_skill(name: str) -> str:
+    known = skill_lib.all_skills()
+    if name not in known:
+        raise ValueError(f"unknown skill {name!r}; known skills: {', '.join(sorted(known))}")
+    return name
+
+
+class SkillsParams(Section):
+    """Which skills the study trains on, which are held out, and how hard each is."""
+
+    train: list[str] = Field(min_length=1, description="skills that get an expert")
+    heldout: list[str] = Field(default_factory=list, description="skills no expert trains on")
+    difficulty: dict[str, int] = Field(default_factory=lambda: {"default": 3})
+
+    @field_validator("train", "heldout")
+    @classmethod
+    def _known(cls, names: list[str]) -> list[str]:
+        return _skill_list(names)
+
+    @field_validator("difficulty")
+    @classmethod
+    def _difficulty(cls, d: dict[str, int]) -> dict[str, int]:
+        for k, v in d.items():
+            if k != "default":
+                _check_skill(k)
+            if v < 1:
+                raise ValueError(f"difficulty of {k!r} must be >= 1, got {v}")
+        return d
+
+    @model_validator(mode="after")
+    def _disjoint(self):
+        both = set(self.train) & set(self.heldout)
+        if both:
+            raise ValueError(f"skills cannot be both trained on and held out: {sorted(both)}")
+        return self
+
+    def level(self, skill: str) -> int:
+        return self.difficulty.get(skill, self.difficulty.get("default", 3))
+
+    @property
+    def all(self) -> list[str]:
+        return [*self.train, *self.heldout]
+
+
+class TeacherParams(Section):
+    """SELMA-style generation: a causal LM writes new prompts from in-context seed exemplars."""
+
+    model: str | None = Field(None, description="local path or hub id of the teacher causal LM")
+    trust_remote_code: bool = False
+    n_shots: int = Field(4, ge=1)
+    n_candidates: int = Field(400, ge=1, description="prompts sampled per skill")
+    rouge_l_max: float = Field(0.8, gt=0, le=1, description="drop a prompt this similar to a kept one")
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    max_new_tokens: int = Field(24, ge=1)
+    batch_size: int = Field(16, ge=1)
+
+
+class SynthesizeParams(Section):
+    source: Literal["programmatic", "teacher"] = "programmatic"
+    seed: int = 0
+    n_train: int = Field(2000, ge=1)
+    n_val: int = Field(100, ge=1)
+    n_test: int = Field(200, ge=1)
+    n_composed: int = Field(200, ge=0)
+    n_heldout: int = Field(200, ge=0)
+    corpus_size: int = Field(20000, ge=1, description="lines of generic text for pretraining the base")
+    corpus_skill_fraction: float = Field(0.0, ge=0, lt=1, description="share of corpus lines that show a training "
+                                         "skill under an alias name (the base 'knows' the skill, not its prompt)")
+    teacher: TeacherParams = TeacherParams()
+
+    @model_validator(mode="after")
+    def _teacher_needs_model(self):
+        if self.source == "teacher" and not self.teacher.model:
+            raise ValueError("source is 'teacher' but teacher.model is not set: give a local path or hub id")
+        return self
+
+
+class ModelParams(Section):
+    """Stage 02: the base model. ``base: scratch`` pretrains a small Llama on the corpus;
+    anything else is a local path or hub id loaded with the Auto classes."""
+
+    base: str = "scratch"
+    trust_remote_code: bool = False
+    seed: int = 0
+    hidden_size: int = Field(128, ge=8)
+    intermediate_size: int = Field(512, ge=8)
+    num_layers: int = Field(4, ge=1)
+    num_heads: int = Field(4, ge=1)
+    max_len: int = Field(64, ge=16, description="longest training sequence in tokens")
+    pretrain_steps: int = Field(1000, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(3e-3, gt=0)
+
+    @model_validator(mode="after")
+    def _heads_divide(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}")
+        return self
+
+
+class ExpertsParams(Section):
+    """Stage 03: one LoRA per skill and the joint multi-skill LoRA (trl SFTTrainer + peft)."""
+
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1)
+    steps: int = Field(300, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    batch_size: int = Field(32, ge=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_length: int = Field(64, ge=8)
+    seed: int = 0
+    # Early stopping: stop once the mean of the last `stop_window` logged training losses
+    # (logged every steps/50 steps) is below `stop_loss`; null trains every step. `steps`
+    # is then a cap, and the joint total budget is the steps the experts actually ran.
+    stop_loss: float | None = Field(None, gt=0)
+    stop_window: int = Field(3, ge=1)
+
+
+class EvalParams(Section):
+    """The evaluation harness used by every stage."""
+
+    batch_size: int = Field(128, ge=1)
+    n_boot: int = Field(1000, ge=100)
+    ece_bins: int = Field(10, ge=2)
+
+
+# Method names, kept here as plain tuples so validating params.yaml never imports torch;
+# tests/test_config.py checks them against the registries in lib/merge/task_vectors.py,
+# lib/merge/adapter_space.py and lib/merge/leaderboard.py.
+MERGE_METHOD_NAMES = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune", "breadcrumbs")
+PEFT_COMBINATION_NAMES = ("linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_linear_svd", "dare_ties",
+                          "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd")
+ROUTER_NAMES = ("oracle", "router_top1", "router_soft", "arrow", "arrow_gks", "lorahub", "ensemble")
+
+
+def _positive_lams(v: list[float]) -> list[float]:
+    """A λ grid: every value scales an update, so each must be > 0."""
+    if any(x <= 0 for x in v):
+        raise ValueError(f"every λ must be > 0, got {v}")
+    return v
+
+
+def _known_names(kind: str, names: list[str], known: tuple[str, ...]) -> list[str]:
+    bad = [n for n in names if n not in known]
+    if bad:
+        raise ValueError(f"unknown {kind} {bad}; known: {', '.join(known)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"a {kind} is listed twice: {names}")
+    return names
+
+
+class RouterParams(Section):
+    """The learned task-level router: a classifier on mean-pooled base hidden states."""
+
+    hidden_layer: int = -1
+    hidden: int = Field(0, ge=0, description="0: linear classifier; else one hidden layer of this width")
+    epochs: int = Field(200, ge=1)
+    lr: float = Field(1e-2, gt=0)
+    weight_decay: float = Field(1e-3, ge=0)
+    n_train: int = Field(200, ge=1, description="training prompts per skill")
+    top_k: int = Field(2, ge=1, description="experts mixed per example by router_soft")
+
+
+class ArrowParams(Section):
+    top_k: int = Field(3, ge=1)
+    temperature: float = Field(1.0, gt=0)
+
+
+class LoraHubParams(Section):
+    targets: list[Literal["composed", "heldout"]] = Field(default_factory=lambda: ["composed", "heldout"])
+    n_examples: int = Field(20, ge=1, description="few-shot examples from the target's validation split")
+    budget: int = Field(40, ge=1, description="loss evaluations of the gradient-free search")
+    l1: float = Field(0.05, ge=0)
+
+
+class MergeRouteParams(Section):
+    """Stage 04: merging methods (weight-update space and peft's adapter space) and routers."""
+
+    seed: int = 0
+    merges: list[str] = Field(default_factory=lambda: list(MERGE_METHOD_NAMES))
+    lam_grid: list[float] = Field(default_factory=lambda: [0.1, 0.2, 0.3, 0.5, 0.7, 1.0], min_length=1,
+                                  description="global scale λ of each summed merge, chosen on validation")
+    density: float = Field(0.3, ge=0, le=1, description="fraction of entries kept (TIES, DARE, magnitude, breadcrumbs)")
+    beta: float = Field(0.02, ge=0, le=1, description="breadcrumbs: fraction of largest entries dropped")
+    majority_sign_method: Literal["total", "frequency"] = "total"
+    refactor_rank: int | None = Field(16, ge=1, description="re-factor the best ΔW merge to a LoRA of this rank")
+    peft_merges: list[str] = Field(default_factory=lambda: list(PEFT_COMBINATION_NAMES))
+    svd_rank: int = Field(16, ge=1)
+    routers: list[str] = Field(default_factory=lambda: list(ROUTER_NAMES))
+    router: RouterParams = RouterParams()
+    arrow: ArrowParams = ArrowParams()
+    lorahub: LoraHubParams = LoraHubParams()
+
+    @field_validator("merges", "peft_merges", "routers")
+    @classmethod
+    def _method_names(cls, v, info):
+        kind, known = {"merges": ("merge method", MERGE_METHOD_NAMES),
+                       "peft_merges": ("peft combination type", PEFT_COMBINATION_NAMES),
+                       "routers": ("router", ROUTER_NAMES)}[info.field_name]
+        return _known_names(kind, v, known)
+
+    @field_validator("lam_grid")
+    @classmethod
+    def _lams(cls, v):
+        return _positive_lams(v)
+
+    @model_validator(mode="after")
+    def _beta_density(self):
+        if "breadcrumbs" in self.merges and self.beta + self.density > 1:
+            raise ValueError(f"breadcrumbs needs beta + density <= 1, got beta={self.beta}, density={self.density}")
+        return self
+
+
+CONTINUAL_STRATEGY_NAMES = ("sequential_lora", "sequential_full", "replay", "ewc", "l2", "olora",
+                            "library_merge", "library_route", "multitask")
+CONTINUAL_ORDER_NAMES = ("alternating", "grouped", "given")
+
+
+class ReplayParams(Section):
+    fraction: float = Field(0.25, ge=0, lt=1, description="share of every batch drawn from earlier tasks' rows")
+    buffer: int | None = Field(200, ge=1, description="training rows kept per finished task (null: all)")
+
+
+class EWCParams(Section):
+    lam: float = Field(1000.0, ge=0, description="penalty (λ/2) Σ F_i (θ_i − θ*_i)²")
+    fisher_n: int = Field(100, ge=1, description="training examples the diagonal Fisher is averaged over")
+    fisher_batch: int = Field(1, ge=1, description="examples per squared gradient (1: per-example Fisher)")
+
+
+class L2Params(Section):
+    lam: float = Field(1.0, ge=0, description="penalty (λ/2) Σ (θ_i − θ*_i)² towards the previous task's weights")
+
+
+class OLoRAParams(Section):
+    lam: float = Field(0.5, ge=0, description="penalty λ Σ ||A_new A_oldᵀ||_F²")
+    l2: float = Field(0.0, ge=0, description="λ₂ ||θ_new||² on the new LoRA (O-LoRA's optional term)")
+
+
+class LibraryParams(Section):
+    """The expert library: stage-03 experts merged (a lib/merge/task_vectors.py method) or routed."""
+
+    merge: str = "task_arithmetic"
+    lam_grid: list[float] = Field(default_factory=lambda: [0.3, 0.5, 0.7, 1.0], min_length=1,
+                                  description="λ chosen per step on the seen skills' validation prompts")
+    density: float = Field(0.3, ge=0, le=1)
+    beta: float = Field(0.02, ge=0, le=1)
+    majority_sign_method: Literal["total", "frequency"] = "total"
+    router: RouterParams = RouterParams()
+
+    @field_validator("merge")
+    @classmethod
+    def _merge(cls, v):
+        return _known_names("merge method", [v], MERGE_METHOD_NAMES)[0]
+
+    @field_validator("lam_grid")
+    @classmethod
+    def _lams(cls, v):
+        return _positive_lams(v)
+
+
+class ContinualParams(Section):
+    """Stage 05: skills learned one after another; strategies, orders, budgets (lib/continual/study.py)."""
+
+    strategies: list[str] = Field(default_factory=lambda: list(CONTINUAL_STRATEGY_NAMES), min_length=1)
+    tasks: list[str] = Field(min_length=2, description="training skills learned in sequence")
+    orders: list[str] = Field(default_factory=lambda: ["alternating", "grouped"], min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1)
+    steps_per_task: int = Field(80, ge=1)
+    full_lr: float = Field(1e-3, gt=0, description="learning rate of sequential_full (every weight trained)")
+    eval_every: int = Field(10, ge=1, description="probe evaluation every this many steps")
+    eval_n: int = Field(32, ge=1, description="probe prompts per skill (first of the test split)")
+    gap_window: float = Field(0.5, gt=0, le=1, description="share of a task that counts as 'just after the switch'")
+    multitask_budget: Literal["cumulative", "per_task"] = "cumulative"
+    workers: int = Field(2, ge=1, description="processes (one per seed at most), one torch thread each")
+    replay: ReplayParams = ReplayParams()
+    ewc: EWCParams = EWCParams()
+    l2: L2Params = L2Params()
+    olora: OLoRAParams = OLoRAParams()
+    library: LibraryParams = LibraryParams()
+
+    @field_validator("strategies", "orders")
+    @classmethod
+    def _names(cls, v, info):
+        kind, known = {"strategies": ("continual strategy", CONTINUAL_STRATEGY_NAMES),
+                       "orders": ("task order", CONTINUAL_ORDER_NAMES)}[info.field_name]
+        return _known_names(kind, v, known)
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks(cls, v):
+        return _skill_list(v, "task")
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v):
+        if len(set(v)) != len(v):
+            raise ValueError(f"a seed is listed twice: {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _curve_fits(self):
+        window = -int(-self.gap_window * self.steps_per_task // 1)  # ceil
+        if self.eval_every > window:
+            raise ValueError(f"eval_every {self.eval_every} > gap_window · steps_per_task = {window}: no evaluation "
+                             "just after a task switch, so no stability gap; lower eval_every")
+        return self
+
+
+LOCALIZE_SOURCE_NAMES = ("full_ft", "lora")
+
+
+class LocalizeFinetuneParams(Section):
+    """Stage 06's full fine-tuning of the considered weights on one skill (lib/localize/finetune.py)."""
+
+    steps: int = Field(400, ge=1, description="cap on optimiser steps (early stopping may end sooner)")
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(32, ge=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_length: int = Field(64, ge=8)
+    seed: int = 0
+    stop_loss: float | None = Field(0.01, gt=0, description="stop once the mean of the last stop_window logged losses is below")
+    stop_window: int = Field(3, ge=1)
+
+
+class LocalizeParams(Section):
+    """Stage 06: skill localization by grafting (Panigrahi et al. 2023), lib/localize/study.py."""
+
+    skills: list[str] | None = Field(None, description="skills to localize (a subset of skills.train); null: all")
+    sources: list[str] = Field(default_factory=lambda: list(LOCALIZE_SOURCE_NAMES), min_length=1)
+    sparsities: list[float] = Field(default_factory=lambda: [0.0001, 0.001, 0.01, 0.1, 0.3], min_length=1,
+                                    description="fractions of the considered parameters kept by a mask")
+    focus_sparsity: float = Field(0.1, description="sparsity of the masks used for overlap, calibration and the graft merge")
+    finetune: LocalizeFinetuneParams = LocalizeFinetuneParams()
+    mask_steps: int = Field(30, ge=0, description="optimisation steps of the grafting mask (0: the magnitude mask)")
+    mask_lr: float = Field(10.0, gt=0, description="step on the logits S, gradient scaled so its largest entry is 1")
+    mask_init: float = Field(3.0, gt=0, description="s0: S starts at +s0 on the top-|Δθ| entries, -s0 elsewhere")
+    mask_l1: float = Field(0.0, ge=0, description="weight of the sparsity regulariser mean σ(S)")
+    mask_batch_size: int = Field(32, ge=1)
+    eval_n: int = Field(200, ge=1, description="test prompts per skill for recovery and calibration (first of the split)")
+    n_perm: int = Field(1000, ge=10, description="permutations for the overlap-behaviour correlation's p-value")
+    seed: int = 0
+
+    @field_validator("skills")
+    @classmethod
+    def _skills(cls, v):
+        if v is not None:
+            if not v:
+                raise ValueError("give at least one skill, or null for all of skills.train")
+            _skill_list(v)
+        return v
+
+    @field_validator("sources")
+    @classmethod
+    def _sources(cls, v):
+        return _known_names("localization source", v, LOCALIZE_SOURCE_NAMES)
+
+    @field_validator("sparsities")
+    @classmethod
+    def _sparsities(cls, v):
+        bad = [x for x in v if not 0 < x <= 1]
+        if bad:
+            raise ValueError(f"every sparsity must be in (0, 1] (the fraction of the considered parameters a mask keeps), got {bad}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"a sparsity is listed twice: {v}")
+        return sorted(v)
+
+    @model_validator(mode="after")
+    def _focus(self):
+        if self.focus_sparsity not in self.sparsities:
+            raise ValueError(f"focus_sparsity {self.focus_sparsity} must be one of sparsities {self.sparsities}")
+        return self
+
+
+# Section name in params.yaml -> schema. Later stages add their sections here.
+SCHEMAS: dict[str, type[Section]] = {
+    "skills": SkillsParams,
+    "synthesize": SynthesizeParams,
+    "model": ModelParams,
+    "experts": ExpertsParams,
+    "evaluation": EvalParams,
+    "merge_route": MergeRouteParams,
+    "continual": ContinualParams,
+    "localize": LocalizeParams,
+}
+
+
+def _describe(err: dict, schema: type[BaseModel], section: str) -> str:
+    loc = ".".join(str(p) for p in (section, *err["loc"]))
+    value = err.get("input")
+    if err["type"] == "extra_forbidden":
+        parent = schema
+        for part in err["loc"][:-1]:
+            field = parent.model_fields.get(str(part))
+            ann = getattr(field, "annotation", None)
+            parent = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else parent
+        allowed = ", ".join(parent.model_fields)
+        return f"{loc}: unknown key (value {value!r}); allowed keys: {allowed}"
+    if err["type"] == "missing":
+        return f"{loc}: required key is missing"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{loc}: bad value {value!r}: {msg}"
+
+
+def validate_section(section: str, values: Any, source: str = "params.yaml"):
+    """Parse one section into its schema; raise ParamsError with one clear message."""
+    if section not in SCHEMAS:
+        raise ParamsError(f"{source}: unknown section {section!r}; known sections: {', '.join(SCHEMAS)}")
+    schema = SCHEMAS[section]
+    if not isinstance(values, dict):
+        raise ParamsError(f"{source}: section {section!r} must be a mapping, got {values!r}")
+    try:
+        return schema.model_validate(values)
+    except ValidationError as e:
+        lines = [_describe(err, schema, section) for err in e.errors()]
+        raise ParamsError(f"{source}: " + "; ".join(lines)) from None
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in override.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def read_params(path: str | Path = "params.yaml", profile: str | Path | None = None) -> dict:
+    """Raw params.yaml, optionally with a profile override file merged on top."""
+    path = Path(path)
+    if not path.exists():
+        raise ParamsError(f"{path}: no such params file")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if profile:
+        prof = Path(profile)
+        if not prof.exists():
+            prof = path.parent / "profiles" / f"{profile}.yaml"
+        if not prof.exists():
+            raise ParamsError(f"profile {profile!r} not found (looked for {profile} and {prof})")
+        raw = deep_merge(raw, yaml.safe_load(prof.read_text()) or {})
+    return raw
+
+
+def load(sections: list[str], path: str | Path = "params.yaml", profile: str | Path | None = None) -> dict:
+    """Validated sections of a params file: {section: schema instance}."""
+    raw = read_params(path, profile)
+    unknown = set(raw) - set(SCHEMAS)
+    if unknown:
+        raise ParamsError(f"{path}: unknown section(s) {sorted(unknown)}; known sections: {', '.join(SCHEMAS)}")
+    missing = [s for s in sections if s not in raw]
+    if missing:
+        raise ParamsError(f"{path}: missing section(s) {missing}")
+    return {s: validate_section(s, raw[s], str(path)) for s in sections}
+
+
+def from_notebook(**sections: Any) -> dict:
+    """Validate the dicts a notebook's parameters cell holds (same schemas as the runner)."""
+    return {name: validate_section(name, values, "notebook parameters") for name, values in sections.items()}

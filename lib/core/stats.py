@@ -1,0 +1,162 @@
+"""Every interval and correlation the study reports, in one place, on ``scipy.stats``.
+
+* :func:`bootstrap_ci`: percentile bootstrap of a mean (``scipy.stats.bootstrap``), for
+  accuracies over examples and means over skills.
+* :func:`macro_ci`: the mean over skills of per-skill accuracy (optionally normalised by a
+  reference per skill), with a bootstrap that resamples examples *within* each skill
+  (``scipy.stats.bootstrap`` over one sample per skill, so every replicate keeps every skill).
+* :func:`t_interval`: Student-t interval over runs or seeds (``scipy.stats.t``).
+* :func:`spearman` (``scipy.stats.spearmanr``) and :func:`mantel_spearman`, Spearman's ρ
+  between two skill-by-skill matrices with a bootstrap over pairs and a Mantel permutation
+  p-value. The Mantel test is hand-written: scipy has none, and pairs of skills share
+  skills, so the permutation has to move skill labels, not pairs.
+
+Seeds are explicit everywhere (``numpy.random.default_rng(seed)``): the same data and seed
+give the same interval.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+
+def _finite(values: Sequence[float] | np.ndarray) -> np.ndarray:
+    return np.asarray([v for v in np.asarray(values, dtype=object).ravel()
+                       if v is not None and np.isfinite(float(v))], dtype=np.float64)
+
+
+def _check(alpha: float, n_boot: int) -> None:
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+
+
+def _percentile_bootstrap(samples: list[np.ndarray], statistic, n_boot: int, alpha: float, seed: int) -> tuple[float, float]:
+    """(low, high): the ``alpha/2`` and ``1 - alpha/2`` quantiles (numpy's linear rule) of
+    ``scipy.stats.bootstrap``'s resampling distribution of ``statistic``; each sample is
+    resampled on its own, in order, from one ``default_rng(seed)``. A sample of one
+    observation is constant under resampling (scipy needs two), so it is held fixed."""
+    varying = [i for i, s in enumerate(samples) if s.size >= 2]
+    if not varying:
+        v = float(statistic(*[s[None, :] for s in samples], axis=-1)[0])
+        return v, v
+
+    def stat(*xs, axis=-1):
+        full = [s[None, :] for s in samples]
+        for i, x in zip(varying, xs):
+            full[i] = x
+        shape = xs[0].shape[:-1]
+        return statistic(*[np.broadcast_to(f, (*shape, f.shape[-1])) for f in full], axis=axis)
+
+    res = stats.bootstrap([samples[i] for i in varying], stat, n_resamples=n_boot, method="percentile",
+                          vectorized=True, rng=np.random.default_rng(seed))
+    lo, hi = np.quantile(res.bootstrap_distribution, [alpha / 2, 1 - alpha / 2])
+    return float(lo), float(hi)
+
+
+def bootstrap_ci(values: Sequence[float] | np.ndarray, n_boot: int = 1000, alpha: float = 0.05,
+                 seed: int = 0) -> tuple[float, float, float]:
+    """``(mean, low, high)``: percentile bootstrap interval of the mean of ``values`` (0/1 per
+    example for an accuracy), ``n_boot`` resamples drawn from ``default_rng(seed)``."""
+    x = np.asarray(values, dtype=np.float64).ravel()
+    if x.size == 0:
+        raise ValueError("bootstrap_ci needs at least one value")
+    _check(alpha, n_boot)
+    lo, hi = _percentile_bootstrap([x], np.mean, n_boot, alpha, seed)
+    return float(x.mean()), lo, hi
+
+
+def mean_ci(values: Sequence[float], n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """``{"mean", "lo", "hi", "n"}``: :func:`bootstrap_ci` of the finite values (None and NaN
+    dropped); all NaN when none is left."""
+    x = _finite(values)
+    if x.size == 0:
+        return {"mean": float("nan"), "lo": float("nan"), "hi": float("nan"), "n": 0}
+    mean, lo, hi = bootstrap_ci(x, n_boot=n_boot, seed=seed)
+    return {"mean": mean, "lo": lo, "hi": hi, "n": int(x.size)}
+
+
+def macro_ci(examples: pd.DataFrame, reference: Mapping[str, float] | None = None, n_boot: int = 1000,
+             alpha: float = 0.05, seed: int = 0) -> tuple[float, float, float]:
+    """Mean over skills of per-skill accuracy (``examples``: columns ``skill`` and ``correct``),
+    each divided by ``reference[skill]`` when given (normalised accuracy), with a percentile
+    bootstrap that resamples examples within each skill. References are treated as fixed;
+    skills whose reference is 0 or missing are left out of the normalised mean."""
+    _check(alpha, n_boot)
+    samples, denoms = [], []
+    for skill, g in examples.groupby("skill", sort=True):
+        denom = 1.0 if reference is None else reference.get(skill, np.nan)
+        if not denom or np.isnan(denom):
+            continue
+        samples.append(g["correct"].to_numpy(dtype=float))
+        denoms.append(float(denom))
+    if not samples:
+        return float("nan"), float("nan"), float("nan")
+    d = np.asarray(denoms)
+
+    def statistic(*xs, axis=-1):
+        return np.mean([x.mean(axis=axis) / di for x, di in zip(xs, d)], axis=0)
+
+    point = float(np.mean([s.mean() / di for s, di in zip(samples, d)]))
+    lo, hi = _percentile_bootstrap(samples, statistic, n_boot, alpha, seed)
+    return point, lo, hi
+
+
+def t_interval(values: Sequence[float], level: float = 0.95) -> dict[str, Any]:
+    """``{"mean", "lo", "hi", "n"}``: Student-t interval of the mean over runs (None and NaN
+    dropped; lo = hi = mean for one run; all None for none)."""
+    x = _finite(values)
+    if x.size == 0:
+        return {"mean": None, "lo": None, "hi": None, "n": 0}
+    mean = float(x.mean())
+    if x.size == 1:
+        return {"mean": mean, "lo": mean, "hi": mean, "n": 1}
+    half = float(stats.t.ppf(0.5 + level / 2, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size))
+    return {"mean": mean, "lo": mean - half, "hi": mean + half, "n": int(x.size)}
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's ρ (``scipy.stats.spearmanr``); NaN for fewer than 3 points or a constant side."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return float("nan")
+    return float(stats.spearmanr(x, y).statistic)
+
+
+def mantel_spearman(a: pd.DataFrame, b: pd.DataFrame, n_boot: int = 1000, n_perm: int = 1000,
+                    seed: int = 0) -> dict[str, Any]:
+    """Spearman's ρ between the upper triangles of two square skill-by-skill matrices (``b``
+    symmetrised), a 95% percentile bootstrap interval over skill pairs, and a two-sided
+    Mantel p-value: ``b``'s skill labels permuted ``n_perm`` times."""
+    skills = [s for s in a.index if s in b.index]
+    A = a.loc[skills, skills].to_numpy(float)
+    B = b.loc[skills, skills].to_numpy(float)
+    B = (B + B.T) / 2
+    iu = np.triu_indices(len(skills), 1)
+    x, y = A[iu], B[iu]
+    ok = np.isfinite(x) & np.isfinite(y)
+    x, y = x[ok], y[ok]
+    r = spearman(x, y)
+    rng = np.random.default_rng(seed)
+    boots = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, len(x), len(x))
+        v = spearman(x[idx], y[idx])
+        if np.isfinite(v):
+            boots.append(v)
+    lo, hi = (np.quantile(boots, [0.025, 0.975]) if boots else (float("nan"), float("nan")))
+    hits = 0
+    for _ in range(n_perm):
+        p = rng.permutation(len(skills))
+        v = spearman(x, B[np.ix_(p, p)][iu][ok])
+        if np.isfinite(v) and np.isfinite(r) and abs(v) >= abs(r) - 1e-12:
+            hits += 1
+    return {"r": r, "lo": float(lo), "hi": float(hi), "n_pairs": int(len(x)),
+            "p_permutation": (hits + 1) / (n_perm + 1) if np.isfinite(r) else float("nan"),
+            "method": "spearman over skill pairs; 95% CI: bootstrap over pairs; p: Mantel permutation of skill labels"}

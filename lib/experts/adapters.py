@@ -1,0 +1,117 @@
+"""Stage 03 aggregation: load the trained adapters side by side and score them.
+
+All adapters are loaded into one peft model (``load_adapter``), so evaluating expert i
+on skill j is one harness call with ``adapter_names`` set, and nothing is retrained.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pandas as pd
+
+from lib.core.evaluation import BASE_ADAPTER, evaluate
+from lib.core.modeling import PICKLE_SUFFIXES, load_on_device
+
+
+class AdapterError(RuntimeError):
+    """An adapter directory that is missing or does not fit the base model."""
+
+
+def adapter_dirs(root: str | Path, skills: list[str]) -> dict[str, Path]:
+    """Adapter name -> directory: each expert by skill name, the joint runs as joint_<budget>."""
+    root = Path(root) / "models"
+    dirs = {s: root / "experts" / s for s in skills}
+    for budget_dir in sorted((root / "joint").glob("*")):
+        if budget_dir.is_dir() and not budget_dir.name.endswith(".partial"):
+            dirs[f"joint_{budget_dir.name}"] = budget_dir
+    return dirs
+
+
+def load_with_adapters(base_dir: str | Path, dirs: dict[str, Path]):
+    """(peft model holding every adapter, tokenizer); a missing or mismatched adapter is a clear error."""
+    from peft import PeftModel
+
+    base, tok = load_on_device(base_dir)
+    model = None
+    for name, path in dirs.items():
+        path = Path(path)
+        if not (path / "adapter_config.json").exists():
+            raise AdapterError(f"{path}: no adapter here (adapter_config.json missing); run its stage 03 step")
+        check_adapter_files(path)
+        try:
+            if model is None:
+                model = PeftModel.from_pretrained(base, str(path), adapter_name=name)
+            else:
+                model.load_adapter(str(path), adapter_name=name)
+        except Exception as e:
+            raise AdapterError(f"{path}: cannot load adapter {name!r} onto {base_dir} ({type(e).__name__}: {e}); "
+                               "its rank, target modules or base model do not match (retrain it: dvc repro)") from None
+        check_adapter_keys(model, name, path)
+    if model is None:
+        raise AdapterError("no adapters to load")
+    return model.eval(), tok
+
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def check_adapter_files(path: Path) -> None:
+    """Only safetensors adapters are loaded: peft would unpickle an ``adapter_model.bin``."""
+    if not (path / ADAPTER_WEIGHTS).is_file():
+        others = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        found = f" (found {', '.join(others)}: pickle files, which can run code when loaded)" if others else ""
+        raise AdapterError(f"{path}: no {ADAPTER_WEIGHTS}{found}; only safetensors adapters are loaded. "
+                           "Save adapters with save_pretrained (safetensors is its default)")
+
+
+def check_adapter_keys(model, name: str, path: Path) -> None:
+    """The weights file holds exactly the LoRA matrices adapter_config.json declares.
+
+    peft only warns about declared modules missing from the file (they keep their fresh,
+    no-op initialisation) and ignores weights for modules the config does not target, so a
+    config edited by hand, or weights from another adapter, would load as a different
+    adapter without an error."""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors import safe_open
+
+    with safe_open(str(path / ADAPTER_WEIGHTS), framework="pt") as f:
+        saved = set(f.keys())
+    with warnings.catch_warnings():  # peft looks for the base's config to decide about embedding layers
+        warnings.filterwarnings("ignore", message="Could not find a config file")
+        declared = set(get_peft_model_state_dict(model, adapter_name=name))
+    missing, extra = sorted(declared - saved), sorted(saved - declared)
+    if missing or extra:
+        def show(keys):
+            return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+        parts = ([f"adapter_config.json targets modules with no weights in the file ({show(missing)})"] if missing else []) + \
+                ([f"the file has weights for modules adapter_config.json does not target ({show(extra)})"] if extra else [])
+        raise AdapterError(f"{path / ADAPTER_WEIGHTS}: does not match {path / 'adapter_config.json'} for adapter "
+                           f"{name!r}: {'; '.join(parts)}. Retrain the adapter (dvc repro) or restore its config")
+
+
+def score_matrix(model, tok, tests, names: list[str], ev, progress: bool = True) -> pd.DataFrame:
+    """Long table (model, skill, n, accuracy, ci_low, ci_high, ece) for every adapter name on ``tests``."""
+    rows = []
+    for name in names:
+        res = evaluate(model, tok, tests, batch_size=ev.batch_size, adapter_names=[name] * len(tests), progress=progress,
+                       n_boot=ev.n_boot, n_bins=ev.ece_bins)
+        per = res.per_skill()
+        per.insert(0, "model", "base" if name == BASE_ADAPTER else name)
+        rows.append(per)
+    return pd.concat(rows, ignore_index=True)
+
+
+def training_curves(dirs: dict[str, Path]) -> pd.DataFrame:
+    frames = []
+    for name, path in dirs.items():
+        curve = pd.read_csv(path / "train_loss.csv")
+        curve.insert(0, "model", name)
+        frames.append(curve)
+    return pd.concat(frames, ignore_index=True)
+
+
+def training_info(dirs: dict[str, Path]) -> pd.DataFrame:
+    return pd.DataFrame([{"model": n, **json.loads((p / "train_info.json").read_text())} for n, p in dirs.items()])

@@ -1,0 +1,52 @@
+"""Stage 02: the base model every expert is trained on.
+
+``model.base: scratch`` trains a character-level tokenizer and pretrains a small Llama on
+the stage-01 corpus; any other value is a local path or hub id loaded with the Auto
+classes (architecture sizes in params are then ignored). Either way the result is saved
+with ``save_pretrained`` (safetensors) plus its tokenizer under ``models/base``, so later
+stages never care where it came from.
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from lib.core import data, training
+from lib.core.config import ModelParams
+from lib.core.modeling import load_causal_lm
+from lib.core.tokenization import build_char_tokenizer
+
+
+def prepare_base(m: ModelParams, corpus_dir: str | Path, out_dir: str | Path, progress: bool = True) -> tuple[dict, pd.DataFrame]:
+    """Build or load the base, save it atomically; return (info, loss curve)."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        t0 = time.perf_counter()
+        if m.base == "scratch":
+            corpus = data.load(corpus_dir, ("train",))["train"]
+            tok = build_char_tokenizer(corpus["text"])
+            model = training.build_scratch_model(tok, m)
+            trainer, _ = training.pretrain_base(model, tok, corpus, m, tmp, progress=progress)
+            curve = training.loss_history(trainer)
+            tokens_seen = int(trainer.state.num_input_tokens_seen)
+            info = {"source": "scratch", "pretrain_steps": m.pretrain_steps, "tokens_seen": tokens_seen,
+                    "final_loss": float(curve["loss"].tail(5).mean())}
+        else:
+            model, tok = load_causal_lm(m.base, m.trust_remote_code)
+            curve = pd.DataFrame(columns=["step", "loss"])
+            info = {"source": m.base, "pretrain_steps": 0, "tokens_seen": 0, "final_loss": float("nan")}
+        model.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+        info.update(parameters=training.count_parameters(model), vocab_size=len(tok), seconds=round(time.perf_counter() - t0, 1))
+        shutil.rmtree(out_dir, ignore_errors=True)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return info, curve

@@ -1,0 +1,127 @@
+"""Stage 06 training step: full fine-tuning of the base on one skill (the update grafting localizes).
+
+    python -m lib.localize.finetune <skill>     -> models/finetuned/<skill>/
+
+"Full" fine-tuning here means every weight of the **considered** parameters: the linear
+weights of the transformer blocks named by ``experts.target_modules`` (by default q, k, v,
+o, gate, up and down projections; 96% of the default scratch model's parameters). The
+embeddings (tied with the LM head) and the RMS norms stay frozen, so the fine-tuned update
+θ_ft − θ_pre lives exactly in the set the LoRA experts adapt, and grafting localizes the
+full-FT update and the LoRA ΔW over the same parameters (a full mask then reproduces the
+fine-tuned model exactly).
+
+Training is trl's ``SFTTrainer`` (``lib.core.sft.LeanSFTTrainer``) without a peft config, with the experts' recipe (the same
+SFT rows and completion-only loss, cosine schedule, early stopping on the logged training
+loss) and the settings of ``localize.finetune``. The model is written with
+``save_pretrained`` (safetensors) to ``<out>.partial`` and renamed at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from lib.core import config, data
+from lib.core.training import LossThresholdStop, count_parameters, loss_history, publish_run, sft_rows, trainer_args
+
+
+def considered_names(model, target_modules) -> list[str]:
+    """Names of the considered parameters: ``<module>.weight`` of every ``nn.Linear`` inside the
+    transformer blocks whose last name part is one of ``target_modules`` (never ``lm_head``)."""
+    import torch
+
+    targets = set(target_modules)
+    names = [f"{name}.weight" for name, mod in model.named_modules()
+             if isinstance(mod, torch.nn.Linear) and name.split(".")[-1] in targets and name != "lm_head"]
+    if not names:
+        raise config.ParamsError(f"experts.target_modules {sorted(targets)} matches no linear layer of the model; "
+                                 f"its linear layers are {sorted({n.split('.')[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})}")
+    return names
+
+
+def train_full(base_dir: Path, train, f, target_modules, out_dir: Path, progress: bool = True,
+               resolved_params: dict | None = None) -> dict:
+    """Fine-tune the considered weights of the base on ``train`` (prompt/answer rows); save under ``out_dir``."""
+    from trl import SFTConfig
+
+    from lib.core.modeling import load_on_device
+    from lib.core.sft import LeanSFTTrainer
+
+    model, tok = load_on_device(base_dir)
+    tok.padding_side = "right"
+    names = set(considered_names(model, target_modules))
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in names)
+    tmp = Path(str(out_dir) + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        args = SFTConfig(
+            **trainer_args(tmp / "trainer", f.steps, f.lr, f.batch_size, f.seed, f.weight_decay, progress=progress),
+            completion_only_loss=True, max_length=f.max_length, packing=False, gradient_checkpointing=False,
+        )
+        stop = LossThresholdStop(f.stop_loss, f.stop_window) if f.stop_loss else None
+        trainer = LeanSFTTrainer(model=model, args=args, train_dataset=sft_rows(train), processing_class=tok,
+                                 callbacks=[stop] if stop else None)
+        t0 = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - t0
+        tok.padding_side = "left"
+        tok.save_pretrained(str(tmp))
+        hist = loss_history(trainer)
+        info = {
+            "steps": f.steps, "steps_run": trainer.state.global_step, "stopped_early": bool(stop and stop.stopped_at),
+            "seed": f.seed, "seconds": round(seconds, 2), "trainable_params": count_parameters(trainer.model, True),
+            "total_params": count_parameters(trainer.model), "considered": sorted(names),
+            "final_loss": float(hist["loss"].iloc[-1]) if len(hist) else math.nan, "train_examples": len(train),
+        }
+        publish_run(tmp, out_dir, trainer.model, hist, info, resolved_params)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return info
+
+
+def one_cpu_thread() -> None:
+    """On the CPU, one torch thread: the default model's steps are overhead-bound, and on the
+    2-core machine a second thread made them slower (2-4x when another job shares the cores)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        torch.set_num_threads(1)
+
+
+def run(skill: str, root: str | Path = ".", params: str = "params.yaml", profile: str | None = None,
+        progress: bool = True) -> dict:
+    one_cpu_thread()
+    root = Path(root)
+    cfg = config.load(["skills", "experts", "localize"], root / params, profile)
+    skills, e, loc = cfg["skills"], cfg["experts"], cfg["localize"]
+    if skill not in skills.train:
+        raise config.ParamsError(f"{skill!r} is not a training skill; skills.train is {skills.train}")
+    train = data.load(root / "datasets" / "skills" / skill, ("train",))["train"]
+    resolved = {"localize.finetune": loc.finetune.model_dump(mode="json"),
+                "experts.target_modules": list(e.target_modules), "skill": skill}
+    return train_full(root / "models" / "base", train, loc.finetune, e.target_modules,
+                      root / "models" / "finetuned" / skill, progress, resolved)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("skill", help="a training skill")
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--profile", default=None)
+    args = ap.parse_args(argv)
+    try:
+        info = run(args.skill, params=args.params, profile=args.profile)
+    except (config.ParamsError, data.DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print({k: v for k, v in info.items() if k != "considered"})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""Stage 07: the report's tables, read only from what the earlier stages wrote.
+
+Nothing here trains or scores a model: the headline table comes from ``metrics/*.json`` and
+the per-skill table ``plots/merge_route_per_skill.csv``; the claims table from
+``lib.report.claims``. A stage that did not run leaves its rows out (the claims it feeds say
+"not measured") rather than failing the report.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from lib.report.claims import best_system, evaluate_claims
+from lib.core.io import read_json
+
+# The stages' metrics files, in pipeline order.
+METRICS = ("synthesize", "base", "experts", "merge_route", "continual", "localize")
+
+
+def load_metrics(root: str | Path) -> dict:
+    """{stem: parsed JSON} for every metrics file present under ``root/metrics``."""
+    root = Path(root)
+    return {name: read_json(p) for name in METRICS if (p := root / "metrics" / f"{name}.json").is_file()}
+
+
+def _ci(mean, lo, hi) -> str:
+    if mean is None:  # a metric the stage could not compute (written as null, e.g. a ratio over 0)
+        return "n/a"
+    if lo is None or hi is None:
+        return f"{mean:.3f}"
+    return f"{mean:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def _row(system: str, what: str, acc, norm=None, composed=None, heldout=None) -> dict:
+    return {"system": system, "what": what, "accuracy [95% CI]": acc, "normalised [95% CI]": norm or "",
+            "composed": composed or "", "held-out": heldout or ""}
+
+
+def _num(x) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def _system_row(label: str, what: str, s: dict) -> dict:
+    return _row(label, what, _ci(s["mean_acc"], s["mean_lo"], s["mean_hi"]), _ci(s["norm_acc"], s["norm_lo"], s["norm_hi"]),
+                _num(s.get("composed")), _num(s.get("heldout")))
+
+
+def headline(metrics: dict, per_skill: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Base, each expert on its own skill, the joint LoRAs, the best merge, the best router
+    (oracle excluded: it is told the skill), the best continual strategy; each with its CI.
+
+    Accuracy is the mean over the training skills (exact match, 200 test prompts per skill
+    in the default profile); normalised = accuracy / the skill's own expert's accuracy.
+    """
+    rows = []
+    systems = metrics.get("merge_route", {}).get("systems", {})
+    if "base" in systems:
+        rows.append(_system_row("base", "the pretrained model, no adapter", systems["base"]))
+    if per_skill is not None and not per_skill.empty:
+        own = per_skill[per_skill["system"] == "expert:" + per_skill["skill"]]
+        for r in own.itertuples():
+            rows.append(_row(f"expert: {r.skill}", "its own skill only", _ci(r.accuracy, r.ci_low, r.ci_high), "1 (by definition)"))
+    elif "experts" in metrics:
+        for skill, acc in metrics["experts"]["expert_own"].items():
+            rows.append(_row(f"expert: {skill}", "its own skill only", f"{acc:.3f}", "1 (by definition)"))
+    for budget, what in (("joint_same_steps", "one LoRA on all skills, one expert's steps"),
+                         ("joint_total_steps", "one LoRA on all skills, all experts' steps")):
+        if budget in systems:
+            rows.append(_system_row(budget.replace("_", " "), what, systems[budget]))
+    for kinds, label in ((("merge", "peft_merge"), "best merge"), (("router",), "best router")):
+        best = best_system(systems, *kinds)
+        if best is not None:
+            rows.append(_system_row(label, best, systems[best]))
+    cont = metrics.get("continual", {})
+    if cont.get("best_strategy") in cont.get("strategies", {}):
+        name = cont["best_strategy"]
+        acc = cont["strategies"][name]["ACC"]
+        tasks = sorted({s for order in cont.get("tasks", {}).values() for s in order})
+        rows.append(_row("best continual strategy", f"{name}: final accuracy over its task sequence ({', '.join(tasks)})",
+                         _ci(acc["mean"], acc["lo"], acc["hi"])))
+    graft = metrics.get("localize", {}).get("graft_merge", {}).get("mean_normalised")
+    if graft:
+        rows.append(_row("grafted union", "union of the skills' grafted regions (stage 06)", "",
+                         _ci(graft["mean"], graft["lo"], graft["hi"])))
+    return pd.DataFrame(rows, columns=["system", "what", "accuracy [95% CI]", "normalised [95% CI]", "composed", "held-out"])
+
+
+def claims_table(metrics: dict) -> pd.DataFrame:
+    return pd.DataFrame(evaluate_claims(metrics))
+
+
+def verdict_counts(claims: pd.DataFrame) -> dict[str, int]:
+    return {v: int((claims["verdict"] == v).sum()) for v in ("held", "did not hold", "inconclusive")}
+
+
+def write_tables(root: str | Path, head: pd.DataFrame, claims: pd.DataFrame) -> Path:
+    """The two tables the HTML index shows, as CSV under reports/tables/."""
+    out = Path(root) / "reports" / "tables"
+    out.mkdir(parents=True, exist_ok=True)
+    head.to_csv(out / "headline.csv", index=False)
+    claims.to_csv(out / "claims.csv", index=False)
+    return out
