@@ -192,10 +192,11 @@ def base_model_dir(root: Path, scratch: Path) -> tuple[Path, str]:
 
 def skill_train_set(root: Path, skill: str):
     """The default profile's training split of ``skill`` (from datasets/, else synthesized now)."""
-    from lib.synth import datasets as data
+    from lib.core import data
+    from lib.synth import datasets as synth
 
     path = root / "datasets" / "skills" / skill
     if path.exists():
         return data.load(path, ("train",))["train"], str(path.relative_to(root))
     p = params(root)
-    return data.skill_splits(skill, p["skills"], p["synthesize"])["train"], f"{skill} (synthesized in memory)"
+    return synth.skill_splits(skill, p["skills"], p["synthesize"])["train"], f"{skill} (synthesized in memory)"

@@ -31,6 +31,7 @@ from pathlib import Path
 from . import common
 from .common import PeakRSS
 from .stats import growth, summarize
+from lib.merge.methods import MERGE_METHODS
 
 NS = (2, 4, 8, 16)
 
@@ -62,12 +63,12 @@ def growth_tables(rows_list: list[dict], sizes: list[dict]) -> tuple[dict, dict]
 
 
 def _model(hidden: int, inter: int, layers: int, heads: int, seed: int = 0):
-    from lib.core.config import ModelParams
+    from lib.core.config import ModelParams, make as make_params
     from lib.core.tokenization import build_char_tokenizer
     from lib.core.training import build_scratch_model
 
     tok = build_char_tokenizer()
-    m = ModelParams(hidden_size=hidden, intermediate_size=inter, num_layers=layers, num_heads=heads, seed=seed)
+    m = make_params(ModelParams, hidden_size=hidden, intermediate_size=inter, num_layers=layers, num_heads=heads, seed=seed)
     return build_scratch_model(tok, m).eval()
 
 
@@ -128,7 +129,6 @@ def _cases(base, holder, n: int, mr, methods, peft_types):
     """(space, method, fn, cleanup) for every measurement at one model size and N."""
     from lib.merge import task_vectors as merging
     from lib.merge.adapter_space import peft_merge
-    from lib.merge.leaderboard import merge_kwargs
 
     names = [f"e{i}" for i in range(n)]
     tvs = merging.task_vectors(holder, names)
@@ -136,7 +136,7 @@ def _cases(base, holder, n: int, mr, methods, peft_types):
     for method in methods:
         weights = None if method == "linear" else [1.0 / n] * n
         out.append(("ΔW", method, lambda method=method, weights=weights: merging.merge_task_vectors(
-            tvs, method, weights=weights, seed=mr.seed, **merge_kwargs(method, mr)), None))
+            tvs, method, weights=weights, seed=mr.seed, **merging.method_kwargs(method, mr)), None))
     merged = merging.merge_task_vectors(tvs, "task_arithmetic", weights=[1.0 / n] * n)
     out.append(("ΔW", "apply", lambda: merging.apply_merged(base, merged), None))
     for ctype in peft_types:
@@ -157,7 +157,6 @@ def run(quick: bool = False, root: Path = common.REPO) -> dict:
     from lib.core import config
     from lib.merge import task_vectors as merging
     from lib.merge.adapter_space import distance_to_exact, peft_merge
-    from lib.merge.leaderboard import merge_kwargs
 
     p = common.params(root)
     m, e = p["model"], p["experts"]
@@ -165,7 +164,7 @@ def run(quick: bool = False, root: Path = common.REPO) -> dict:
     mr = config.validate_section("merge_route", raw["merge_route"])
     repeats = 3 if quick else 5
     scales = (1,) if quick else (1, 2, 4)
-    methods = list(config.MERGE_METHOD_NAMES)
+    methods = list(MERGE_METHODS.names())
     peft_types = list(mr.peft_merges)
     sizes, models = [], {}
     for scale in scales:
@@ -188,7 +187,7 @@ def run(quick: bool = False, root: Path = common.REPO) -> dict:
                                ("ties", "ties")):
                 if ctype not in peft_types:
                     continue
-                exact = merging.merge_task_vectors(tvs, ref, weights=[1.0 / n] * n, **merge_kwargs(ref, mr))
+                exact = merging.merge_task_vectors(tvs, ref, weights=[1.0 / n] * n, **merging.method_kwargs(ref, mr))
                 kw = {"density": mr.density} if ctype == "ties" else {"svd_rank": mr.svd_rank} if ctype == "svd" else {}
                 name = peft_merge(holder, [f"e{i}" for i in range(n)], ctype, weights=[1.0 / n] * n, new_name=f"d_{ctype}", **kw)
                 distances.append({"scale": scale, "n": n, "type": ctype, "exact": ref,

@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from conftest import peaked_tiny_llama, smoke_params
+from lib.core.config import make as make_params
+from lib.core.stats import t_interval
 from lib.core import config
 from lib.continual import loop as CT, study as C
 
@@ -94,12 +96,12 @@ def test_stability_gap_needs_the_switch_and_window_points():
 
 
 def test_ci_is_a_student_t_interval_over_runs():
-    out = C.ci([1.0, 2.0, 3.0])
+    out = t_interval([1.0, 2.0, 3.0])
     half = 4.302652729911275 * 1.0 / math.sqrt(3)  # t_{0.975, 2} · sd / √n
     assert out["mean"] == pytest.approx(2.0) and out["n"] == 3
     assert out["lo"] == pytest.approx(2.0 - half) and out["hi"] == pytest.approx(2.0 + half)
-    assert C.ci([0.4]) == {"mean": 0.4, "lo": 0.4, "hi": 0.4, "n": 1}
-    assert C.ci([])["n"] == 0
+    assert t_interval([0.4]) == {"mean": 0.4, "lo": 0.4, "hi": 0.4, "n": 1}
+    assert t_interval([])["n"] == 0
 
 
 # --------------------------------------------------------------------------- penalties
@@ -163,7 +165,7 @@ def test_rows_are_tokenized_as_trl_does_and_the_loss_is_on_the_answer(tiny):
 
 def test_fisher_is_the_mean_squared_gradient(tiny):
     tok, model = tiny
-    peft_model = CT.add_lora(__import__("copy").deepcopy(model), config.ExpertsParams(rank=2, alpha=4, target_modules=["q_proj", "v_proj"]), seed=0)
+    peft_model = CT.add_lora(__import__("copy").deepcopy(model), make_params(config.ExpertsParams, rank=2, alpha=4, target_modules=["q_proj", "v_proj"]), seed=0)
     with torch.no_grad():  # B starts at zero: give it values so A's gradients are not zero too
         for n, p in peft_model.named_parameters():
             if "lora_B" in n:
@@ -224,7 +226,8 @@ def test_replay_buffer_keeps_a_seeded_subset():
 
 
 def _continual(**kw) -> dict:
-    return {"tasks": ["inc", "dec", "maxdigit", "count"], **kw}
+    """params.yaml's continual section with ``kw`` merged on top."""
+    return config.deep_merge(config.read_params(config.REPO_PARAMS)["continual"], {"tasks": ["inc", "dec", "maxdigit", "count"], **kw})
 
 
 def test_unknown_strategy_is_a_clear_params_error():
@@ -267,8 +270,8 @@ def test_orders_alternate_or_group_the_families():
 
 
 def test_tasks_must_be_training_skills(tmp_path):
-    skills = config.SkillsParams(train=["inc", "dec"])
-    c = config.ContinualParams(tasks=["inc", "maxdigit"])
+    skills = make_params(config.SkillsParams, train=["inc", "dec"])
+    c = make_params(config.ContinualParams, tasks=["inc", "maxdigit"])
     with pytest.raises(config.ParamsError, match="not in skills.train"):
         C.check_params(skills, c, tmp_path)
 
@@ -278,14 +281,15 @@ def test_tasks_must_be_training_skills(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_project(tmp_path_factory, tiny):
-    from lib.synth import datasets as data
+    from lib.core import data
+    from lib.synth import datasets as synth
 
     tok, model = tiny
     root = tmp_path_factory.mktemp("continual")
-    skills = config.SkillsParams(train=["inc", "maxdigit"], difficulty={"default": 2})
-    syn = config.SynthesizeParams(n_train=40, n_val=8, n_test=12)
+    skills = make_params(config.SkillsParams, train=["inc", "maxdigit"], difficulty={"default": 2})
+    syn = make_params(config.SynthesizeParams, n_train=40, n_val=8, n_test=12)
     for s in skills.train:
-        data.save(data.skill_splits(s, skills, syn), root / "datasets" / "skills" / s)
+        data.save(synth.skill_splits(s, skills, syn), root / "datasets" / "skills" / s)
     model.save_pretrained(root / "models" / "base")
     tok.save_pretrained(root / "models" / "base")
     return root, skills
@@ -296,9 +300,9 @@ STRATS = ["sequential_lora", "replay", "ewc", "l2", "olora", "sequential_full", 
 
 def test_tiny_end_to_end_run(tiny_project):
     root, skills = tiny_project
-    e = config.ExpertsParams(rank=2, alpha=4, target_modules=["q_proj", "v_proj"], batch_size=4, lr=1e-2)
-    ev = config.EvalParams(batch_size=64, n_boot=100)
-    c = config.ContinualParams(tasks=["inc", "maxdigit"], strategies=STRATS, orders=["given"], seeds=[0],
+    e = make_params(config.ExpertsParams, rank=2, alpha=4, target_modules=["q_proj", "v_proj"], batch_size=4, lr=1e-2)
+    ev = make_params(config.EvalParams, batch_size=64, n_boot=100)
+    c = make_params(config.ContinualParams, tasks=["inc", "maxdigit"], strategies=STRATS, orders=["given"], seeds=[0],
                                steps_per_task=4, eval_every=2, eval_n=4, workers=1,
                                replay={"fraction": 0.5, "buffer": 5}, ewc={"lam": 10.0, "fisher_n": 3})
     results = C.run_study(root, skills, e, ev, c, progress=False)
@@ -367,12 +371,12 @@ def test_smoke_pipeline_wrote_the_continual_metrics(project):
 
 def test_results_do_not_depend_on_the_number_of_workers(tiny_project):
     root, skills = tiny_project
-    e = config.ExpertsParams(rank=2, alpha=4, target_modules=["q_proj", "v_proj"], batch_size=4, lr=1e-2)
-    ev = config.EvalParams(batch_size=64, n_boot=100)
+    e = make_params(config.ExpertsParams, rank=2, alpha=4, target_modules=["q_proj", "v_proj"], batch_size=4, lr=1e-2)
+    ev = make_params(config.EvalParams, batch_size=64, n_boot=100)
     kw = dict(tasks=["inc", "maxdigit"], strategies=["replay"], orders=["given"], seeds=[0, 1],
               steps_per_task=4, eval_every=2, eval_n=4, replay={"fraction": 0.5, "buffer": 5})
-    one = C.run_study(root, skills, e, ev, config.ContinualParams(**kw, workers=1), progress=False)
-    two = C.run_study(root, skills, e, ev, config.ContinualParams(**kw, workers=2), progress=False)
+    one = C.run_study(root, skills, e, ev, make_params(config.ContinualParams, **kw, workers=1), progress=False)
+    two = C.run_study(root, skills, e, ev, make_params(config.ContinualParams, **kw, workers=2), progress=False)
     assert [(r.strategy, r.seed) for r in one] == [(r.strategy, r.seed) for r in two]
     for a, b in zip(one, two):
         np.testing.assert_array_equal(a.R, b.R)

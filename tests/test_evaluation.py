@@ -18,9 +18,9 @@ from transformers import DynamicCache, GenerationMixin, LlamaConfig, LlamaForCau
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from lib import skills as skill_lib
+from lib.core.stats import bootstrap_ci
 from lib.core.evaluation import (
     EvalResult,
-    bootstrap_ci,
     evaluate,
     exact_match,
     expected_calibration_error,

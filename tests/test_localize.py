@@ -12,6 +12,7 @@ import torch
 
 from conftest import peaked_tiny_llama, smoke_params
 from lib.core import config
+from lib.core.stats import mantel_spearman, mean_ci
 from lib.localize import grafting as G, study as LZ
 from lib.localize.finetune import considered_names
 from lib.core.tokenization import build_char_tokenizer
@@ -230,7 +231,7 @@ def test_mask_optimisation_lowers_the_loss_and_keeps_the_sparsity(tiny):
 
 
 def test_ci_over_skills_and_recovery_summary():
-    ci = LZ.ci_over_skills([0.5, 1.0, float("nan"), 0.75], n_boot=200)
+    ci = mean_ci([0.5, 1.0, float("nan"), 0.75], n_boot=200)
     assert ci["n"] == 3 and ci["mean"] == pytest.approx(0.75) and ci["lo"] <= 0.75 <= ci["hi"]
     table = pd.DataFrame({"source": ["lora"] * 4, "kind": ["graft"] * 4, "sparsity": [0.1, 0.1, 0.3, 0.3],
                           "skill": ["a", "b", "a", "b"], "recovery": [0.2, 0.4, 1.0, 1.0]})
@@ -253,13 +254,13 @@ def test_correlation_spearman_and_family_overlap():
     for (x, y), v in vals.items():
         J.loc[x, y] = J.loc[y, x] = v / 10
         B.loc[x, y] = B.loc[y, x] = v ** 2            # monotone in J: Spearman 1
-    c = LZ.correlation(J, B, n_boot=200, n_perm=200)
+    c = mantel_spearman(J, B, n_boot=200, n_perm=200)
     assert c["r"] == pytest.approx(1.0) and c["n_pairs"] == 6 and c["hi"] == pytest.approx(1.0)
     assert 0 < c["p_permutation"] <= 1
     B2 = B.copy()
     for (x, y), v in vals.items():
         B2.loc[x, y] = B2.loc[y, x] = -v              # reversed: -1
-    assert LZ.correlation(J, B2, n_boot=50, n_perm=50)["r"] == pytest.approx(-1.0)
+    assert mantel_spearman(J, B2, n_boot=50, n_perm=50)["r"] == pytest.approx(-1.0)
     mean, same, cross = LZ.family_overlap(J, {"a": "f", "b": "f", "c": "g", "d": "g"})
     assert same == pytest.approx((0.1 + 0.6) / 2) and cross == pytest.approx((0.2 + 0.3 + 0.4 + 0.5) / 4)
     assert mean == pytest.approx(2.1 / 6)
@@ -284,20 +285,25 @@ def test_study_skills_must_be_training_skills():
 # ---------------------------------------------------------------- params
 
 
+def _localize(values: dict):
+    """Validate params.yaml's localize section with ``values`` merged on top."""
+    return config.validate_section("localize", config.deep_merge(config.read_params(config.REPO_PARAMS)["localize"], values))
+
+
 def test_localize_params_validation():
-    ok = config.validate_section("localize", {})
+    ok = _localize({})
     assert ok.sparsities == sorted(ok.sparsities) and ok.focus_sparsity in ok.sparsities
     for bad in ([0], [1.5], [0.1, -0.2]):
         with pytest.raises(config.ParamsError, match=r"localize\.sparsities.*\(0, 1\]"):
-            config.validate_section("localize", {"sparsities": bad, "focus_sparsity": 0.1})
+            _localize({"sparsities": bad, "focus_sparsity": 0.1})
     with pytest.raises(config.ParamsError, match=r"unknown localization source \['full'\]; known: full_ft, lora"):
-        config.validate_section("localize", {"sources": ["full"]})
+        _localize({"sources": ["full"]})
     with pytest.raises(config.ParamsError, match="focus_sparsity 0.5 must be one of sparsities"):
-        config.validate_section("localize", {"focus_sparsity": 0.5})
+        _localize({"focus_sparsity": 0.5})
     with pytest.raises(config.ParamsError, match="unknown key"):
-        config.validate_section("localize", {"mask_stpes": 3})
+        _localize({"mask_stpes": 3})
     with pytest.raises(config.ParamsError, match="unknown skill"):
-        config.validate_section("localize", {"skills": ["nope"]})
+        _localize({"skills": ["nope"]})
 
 
 # ---------------------------------------------------------------- the smoke pipeline

@@ -6,6 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from lib.core.config import make as make_params
+from lib.core.stats import macro_ci
 from lib.merge import leaderboard as MR
 from lib.core.config import EvalParams
 
@@ -18,26 +20,26 @@ def _examples(correct_by_skill: dict[str, list[int]]) -> pd.DataFrame:
 def test_macro_ci_is_the_mean_over_skills_not_over_examples():
     # 'a' has 4 examples all right, 'b' has 1 example wrong: macro 0.5, micro 0.8.
     ex = _examples({"a": [1, 1, 1, 1], "b": [0]})
-    mean, lo, hi = MR.macro_ci(ex, n_boot=200)
+    mean, lo, hi = macro_ci(ex, n_boot=200)
     assert mean == pytest.approx(0.5)
     assert lo == pytest.approx(0.5) and hi == pytest.approx(0.5)  # no variance within a skill
 
 
 def test_normalised_accuracy_divides_by_the_expert():
     ex = _examples({"a": [1, 0, 1, 0], "b": [1, 1, 1, 1]})
-    mean, lo, hi = MR.macro_ci(ex, {"a": 0.5, "b": 0.8}, n_boot=500)
+    mean, lo, hi = macro_ci(ex, {"a": 0.5, "b": 0.8}, n_boot=500)
     assert mean == pytest.approx((0.5 / 0.5 + 1.0 / 0.8) / 2)
     assert lo <= mean <= hi
     # A skill whose expert scores 0 cannot be normalised and is left out.
-    assert MR.macro_ci(ex, {"a": 0.0, "b": 0.8}, n_boot=100)[0] == pytest.approx(1.0 / 0.8)
+    assert macro_ci(ex, {"a": 0.0, "b": 0.8}, n_boot=100)[0] == pytest.approx(1.0 / 0.8)
 
 
 def test_macro_ci_interval_covers_and_shrinks_with_more_data():
     rng = np.random.default_rng(0)
     small = _examples({"a": list(rng.integers(0, 2, 20)), "b": list(rng.integers(0, 2, 20))})
     big = _examples({"a": list(rng.integers(0, 2, 2000)), "b": list(rng.integers(0, 2, 2000))})
-    _, lo_s, hi_s = MR.macro_ci(small, n_boot=500)
-    m, lo_b, hi_b = MR.macro_ci(big, n_boot=500)
+    _, lo_s, hi_s = macro_ci(small, n_boot=500)
+    m, lo_b, hi_b = macro_ci(big, n_boot=500)
     assert hi_b - lo_b < hi_s - lo_s
     assert lo_b < 0.5 < hi_b and abs(m - 0.5) < 0.05
 
@@ -98,7 +100,7 @@ class _FakeResult:
 
 
 def test_leaderboard_rows_costs_and_relative_speed():
-    bench = MR.Bench(tok=None, tests={}, ev=EvalParams(n_boot=100))
+    bench = MR.Bench(tok=None, tests={}, ev=make_params(EvalParams, n_boot=100))
     bench.systems = {"base": MR.System("base", "base", None),
                      "merge:x": MR.System("merge:x", "merge", None, extra_params=0, build_s=1.5),
                      "route:y": MR.System("route:y", "router", None, extra_params=1000)}

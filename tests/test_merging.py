@@ -9,6 +9,14 @@ import pytest
 import torch
 
 from lib.merge import task_vectors as M
+from lib.merge.methods import MERGE_METHODS
+from lib.merge.methods.breadcrumbs import breadcrumbs, breadcrumbs_mask
+from lib.merge.methods.dare_linear import dare_linear
+from lib.merge.methods.dare_ties import dare_ties
+from lib.merge.methods.linear import linear
+from lib.merge.methods.magnitude_prune import magnitude_prune
+from lib.merge.methods.task_arithmetic import task_arithmetic
+from lib.merge.methods.ties import ties
 
 T = torch.tensor
 
@@ -21,17 +29,17 @@ def close(a, b, **kw):
 
 def test_linear_is_weighted_average():
     a, b, c = T([1.0, -2.0, 4.0]), T([3.0, 0.0, -2.0]), T([0.5, 1.0, 1.0])
-    close(M.linear([a, b, c]), (a + b + c) / 3)
-    close(M.linear([a, b, c], [1.0, 2.0, 1.0]), (1 * a + 2 * b + 1 * c) / 4)
+    close(linear([a, b, c]), (a + b + c) / 3)
+    close(linear([a, b, c], [1.0, 2.0, 1.0]), (1 * a + 2 * b + 1 * c) / 4)
     with pytest.raises(ValueError, match="sum to 0"):
-        M.linear([a, b], [1.0, -1.0])
+        linear([a, b], [1.0, -1.0])
 
 
 def test_task_arithmetic_is_lambda_times_sum():
     a, b = T([[1.0, -2.0], [0.0, 3.0]]), T([[0.5, 0.5], [-1.0, 2.0]])
-    close(M.task_arithmetic([a, b], lam=0.3), 0.3 * (a + b))
-    close(M.task_arithmetic([a, b], [2.0, -1.0], lam=0.5), 0.5 * (2 * a - b))
-    close(M.task_arithmetic([a, b]), a + b)
+    close(task_arithmetic([a, b], lam=0.3), 0.3 * (a + b))
+    close(task_arithmetic([a, b], [2.0, -1.0], lam=0.5), 0.5 * (2 * a - b))
+    close(task_arithmetic([a, b]), a + b)
 
 
 # ---------------------------------------------------------------- TIES
@@ -44,7 +52,7 @@ def test_ties_two_tasks_by_hand():
     # trimmed t1 = [3, 0, 0, 2], trimmed t2 = [-2, -4, 0, 0]
     # sum = [1, -4, 0, 2] -> elected sign [+, -, + (tie), +]
     # agreeing: e0 {t1: 3}, e1 {t2: -4}, e2 {} -> 0, e3 {t1: 2}
-    close(M.ties([T1, T2], density=0.5), [3.0, -4.0, 0.0, 2.0])
+    close(ties([T1, T2], density=0.5), [3.0, -4.0, 0.0, 2.0])
 
 
 def test_ties_three_tasks_disjoint_mean_by_hand():
@@ -52,28 +60,28 @@ def test_ties_three_tasks_disjoint_mean_by_hand():
     # sum of trimmed = [3-2+0, 0-4-3, 0, 2+0+4] = [1, -7, 0, 6] -> signs [+, -, +, +]
     # e0: only t1 (3) agrees -> 3 ; e1: t2 (-4), t3 (-3) -> mean -3.5
     # e2: nobody -> 0 ; e3: t1 (2), t3 (4) -> mean 3   (a plain sum would give 6)
-    close(M.ties([T1, T2, t3], density=0.5), [3.0, -3.5, 0.0, 3.0])
+    close(ties([T1, T2, t3], density=0.5), [3.0, -3.5, 0.0, 3.0])
 
 
 def test_ties_sign_election_total_vs_frequency():
     tasks = [T([1.0]), T([1.0]), T([-5.0])]
-    close(M.ties(tasks, density=1.0), [-5.0])  # default: the paper's rule, sign of the sum
-    close(M.ties(tasks, density=1.0, majority_sign_method="total"), [-5.0])  # sum -3 -> minus
-    close(M.ties(tasks, density=1.0, majority_sign_method="frequency"), [1.0])  # 2 of 3 plus -> mean(1, 1)
+    close(ties(tasks, density=1.0), [-5.0])  # default: the paper's rule, sign of the sum
+    close(ties(tasks, density=1.0, majority_sign_method="total"), [-5.0])  # sum -3 -> minus
+    close(ties(tasks, density=1.0, majority_sign_method="frequency"), [1.0])  # 2 of 3 plus -> mean(1, 1)
     with pytest.raises(ValueError, match="majority_sign_method"):
-        M.ties(tasks, density=1.0, majority_sign_method="vote")
+        ties(tasks, density=1.0, majority_sign_method="vote")
 
 
 def test_ties_weights_scale_values_not_the_election():
     # peft semantics: sign from unweighted trimmed tensors; weights scale inside the disjoint mean.
     tasks = [T([2.0]), T([-1.0])]
     # unweighted sum +1 -> '+'; only task 1 agrees -> 0.25 * 2 = 0.5 (weighted election would pick '-')
-    close(M.ties(tasks, [0.25, 10.0], density=1.0), [0.5])
+    close(ties(tasks, [0.25, 10.0], density=1.0), [0.5])
 
 
 def test_ties_single_expert_is_its_trimmed_self():
-    close(M.ties([T1], density=0.5), [3.0, 0.0, 0.0, 2.0])
-    close(M.ties([T1], density=1.0), T1)
+    close(ties([T1], density=0.5), [3.0, 0.0, 0.0, 2.0])
+    close(ties([T1], density=1.0), T1)
 
 
 # ---------------------------------------------------------------- DARE
@@ -82,14 +90,14 @@ def test_dare_kept_entries_rescaled_by_one_over_one_minus_p():
     x = torch.arange(1.0, 41.0)
     p = 0.3
     torch.manual_seed(0)
-    out = M.dare_linear([x], density=1 - p)
+    out = dare_linear([x], density=1 - p)
     kept = out != 0
     assert 0 < int(kept.sum()) < x.numel()  # some dropped, some kept
     close(out[kept], x[kept] / (1 - p))
     assert torch.equal(out[~kept], torch.zeros(int((~kept).sum())))
     # the same seed draws the same mask; DARE-TIES of one expert is that same dropped tensor
     torch.manual_seed(0)
-    close(M.dare_ties([x], density=1 - p), out)
+    close(dare_ties([x], density=1 - p), out)
 
 
 def test_dare_preserves_the_mean_in_expectation():
@@ -99,7 +107,7 @@ def test_dare_preserves_the_mean_in_expectation():
     acc = torch.zeros_like(x)
     for seed in range(n):
         torch.manual_seed(seed)
-        acc += M.dare_linear([x], density=1 - p)
+        acc += dare_linear([x], density=1 - p)
     mean = acc / n
     # per-entry std of the average: |x| sqrt(p/(1-p)) / sqrt(n) ~ 0.022 |x|; without the 1/(1-p)
     # rescale the mean would be (1-p) x = 0.5 x.
@@ -124,24 +132,24 @@ def test_magnitude_prune_keeps_top_density_fraction():
     b = T([[1.0, 0.0, -2.0, 0.5], [3.0, -0.1, 0.2, 0.3]])  # top 3: 3, -2, 1
     pa = T([[0.0, -8.0, 0.0, 5.0], [0.0, 0.0, -6.0, 0.0]])
     pb = T([[1.0, 0.0, -2.0, 0.0], [3.0, 0.0, 0.0, 0.0]])
-    close(M.magnitude_prune([a], density=3 / 8), pa)
-    close(M.magnitude_prune([a, b], [0.5, 2.0], density=3 / 8), 0.5 * pa + 2.0 * pb)
+    close(magnitude_prune([a], density=3 / 8), pa)
+    close(magnitude_prune([a, b], [0.5, 2.0], density=3 / 8), 0.5 * pa + 2.0 * pb)
 
 
 def test_breadcrumbs_mask_drops_largest_beta_and_smallest():
     x = T([0.5, -9.0, 3.0, -0.1, 7.0, 2.0, -4.0, 0.3, 6.0, -1.0])
     # by magnitude: 9 (i1) > 7 (i4) > 6 (i8) > 4 (i6) > 3 (i2) > 2 (i5) > 1 (i9) > .5 (i0) > .3 (i7) > .1 (i3)
     # beta 0.1 drops i1 (the outlier); density 0.5 keeps the next five; the smallest four go.
-    mask = M.breadcrumbs_mask(x, density=0.5, beta=0.1)
+    mask = breadcrumbs_mask(x, density=0.5, beta=0.1)
     assert torch.nonzero(mask).flatten().tolist() == [2, 4, 5, 6, 8]
     y = -x.flip(0)
     keep = x * mask
-    close(M.breadcrumbs([x], density=0.5, beta=0.1), keep)
-    close(M.breadcrumbs([x, y], [1.0, 0.5], density=0.5, beta=0.1), keep + 0.5 * y * M.breadcrumbs_mask(y, density=0.5, beta=0.1))
+    close(breadcrumbs([x], density=0.5, beta=0.1), keep)
+    close(breadcrumbs([x, y], [1.0, 0.5], density=0.5, beta=0.1), keep + 0.5 * y * breadcrumbs_mask(y, density=0.5, beta=0.1))
     with pytest.raises(ValueError, match="beta \\+ density"):
-        M.breadcrumbs([x], density=0.95, beta=0.1)
+        breadcrumbs([x], density=0.95, beta=0.1)
     # beta 0 is magnitude pruning
-    close(M.breadcrumbs([x], density=0.3, beta=0.0), M.magnitude_prune([x], density=0.3))
+    close(breadcrumbs([x], density=0.3, beta=0.0), magnitude_prune([x], density=0.3))
 
 
 # ---------------------------------------------------------------- edge cases
@@ -155,34 +163,34 @@ def _params(name, density):
 
 @pytest.mark.parametrize("name", DENSITY_METHODS)
 def test_density_zero_is_a_zero_update_not_nan(name):
-    out = M.get_merge_method(name)([T1, T2], **_params(name, 0.0))
+    out = MERGE_METHODS[name]([T1, T2], **_params(name, 0.0))
     assert torch.equal(out, torch.zeros(4))
 
 
-@pytest.mark.parametrize("name", sorted(M.MERGE_METHODS))
+@pytest.mark.parametrize("name", sorted(MERGE_METHODS.names()))
 def test_single_expert(name):
     # at full density every method returns the single expert itself (linear/TA/others with weight 1)
     params = _params(name, 1.0) if name in DENSITY_METHODS else {}
-    close(M.get_merge_method(name)([T1], **params), T1)
+    close(MERGE_METHODS[name]([T1], **params), T1)
 
 
-@pytest.mark.parametrize("name", sorted(M.MERGE_METHODS))
+@pytest.mark.parametrize("name", sorted(MERGE_METHODS.names()))
 def test_experts_of_different_ranks(name):
     g = torch.Generator().manual_seed(0)
     d2 = torch.randn(6, 2, generator=g) @ torch.randn(2, 5, generator=g)
     d4 = torch.randn(6, 4, generator=g) @ torch.randn(4, 5, generator=g)
     assert torch.linalg.matrix_rank(d2) == 2 and torch.linalg.matrix_rank(d4) == 4
     params = _params(name, 0.5) if name in DENSITY_METHODS else {}
-    out = M.get_merge_method(name)([d2, d4], **params)
+    out = MERGE_METHODS[name]([d2, d4], **params)
     assert out.shape == (6, 5) and torch.isfinite(out).all()
     if name == "linear":
         close(out, (d2 + d4) / 2)
 
 
-@pytest.mark.parametrize("name", sorted(M.MERGE_METHODS))
+@pytest.mark.parametrize("name", sorted(MERGE_METHODS.names()))
 def test_empty_and_mismatched(name):
     params = _params(name, 0.5) if name in DENSITY_METHODS else {}
-    fn = M.get_merge_method(name)
+    fn = MERGE_METHODS[name]
     with pytest.raises(ValueError, match="empty list"):
         fn([], **params)
     with pytest.raises(ValueError, match=r"\(2, 3\).*\(3, 2\)"):
@@ -194,15 +202,15 @@ def test_empty_and_mismatched(name):
 @pytest.mark.parametrize("density", [-0.1, 1.5, float("nan")])
 def test_density_out_of_range(density):
     with pytest.raises(ValueError, match="density"):
-        M.ties([T1], density=density)
+        ties([T1], density=density)
 
 
 def test_registry_unknown_name_lists_known():
     with pytest.raises(KeyError) as e:
-        M.get_merge_method("nope")
-    for name in M.MERGE_METHODS:
+        MERGE_METHODS["nope"]
+    for name in MERGE_METHODS.names():
         assert name in str(e.value)
-    assert set(M.MERGE_METHODS) == {"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties",
+    assert set(MERGE_METHODS.names()) == {"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties",
                                     "magnitude_prune", "breadcrumbs"}
 
 

@@ -25,8 +25,11 @@ import yaml
 from datasets import DatasetDict
 
 from conftest import BIN, REPO, dvc, peaked_tiny_llama, set_dotted, smoke_params
+from lib.core.config import make as make_params
+from lib.merge.methods import MERGE_METHODS
 from lib.core import config
-from lib.synth import datasets as data
+from lib.core import data
+from lib.synth import datasets as synth
 from lib.experts import adapters as experts
 from lib.cli import run_stage
 from lib.experts import train as train_expert
@@ -77,7 +80,7 @@ BAD_PARAMS = [
     _row("svd rank 0", "merge_route.svd_rank", 0, ["bad value 0", "greater than or equal to 1"]),
     _row("dropout 1", "experts.dropout", 1.0, ["1.0", "less than 1"]),
     _row("unknown skill", "skills.train", [*TRAIN, "revrse"], ["unknown skill 'revrse'", "known skills", "reverse", "mindigit"]),
-    _row("unknown merge method", "merge_route.merges", ["ties", "tie"], ["unknown merge method ['tie']", *config.MERGE_METHOD_NAMES]),
+    _row("unknown merge method", "merge_route.merges", ["ties", "tie"], ["unknown merge method ['tie']", *MERGE_METHODS.names()]),
     _row("unknown route method", "merge_route.routers", ["oracle", "rooter"], ["unknown router ['rooter']", *config.ROUTER_NAMES]),
     _row("unknown peft merge", "merge_route.peft_merges", ["concat"], ["unknown peft combination type ['concat']", "cat", "svd"]),
     _row("unknown continual method", "continual.strategies", ["nope"], ["'nope'", "known", *_known_strategies()]),
@@ -237,8 +240,8 @@ def test_pickle_adapter_is_refused_without_unpickling(tiny, tmp_path, monkeypatc
 
 
 def test_dataset_with_a_missing_split_stops_the_training_step(workdir, capsys, monkeypatch):
-    skills = SkillsParams(**yaml.safe_load((workdir / "params.yaml").read_text())["skills"])
-    ds = data.skill_splits(TRAIN[0], skills, SynthesizeParams(n_train=8, n_val=2, n_test=2))
+    skills = make_params(SkillsParams, **yaml.safe_load((workdir / "params.yaml").read_text())["skills"])
+    ds = synth.skill_splits(TRAIN[0], skills, make_params(SynthesizeParams, n_train=8, n_val=2, n_test=2))
     path = workdir / "datasets" / "skills" / TRAIN[0]
     data.save(DatasetDict({"validation": ds["validation"], "test": ds["test"]}), path)
     monkeypatch.chdir(workdir)
@@ -252,10 +255,10 @@ def test_dataset_with_a_missing_split_stops_the_training_step(workdir, capsys, m
 
 
 def test_wrong_answer_in_a_test_set_is_caught_before_scoring(tmp_path):
-    skills = SkillsParams(train=["reverse", "upper"])
-    syn = SynthesizeParams(n_train=4, n_val=2, n_test=6)
+    skills = make_params(SkillsParams, train=["reverse", "upper"])
+    syn = make_params(SynthesizeParams, n_train=4, n_val=2, n_test=6)
     for s in skills.train:
-        data.save(data.skill_splits(s, skills, syn), tmp_path / "datasets" / "skills" / s)
+        data.save(synth.skill_splits(s, skills, syn), tmp_path / "datasets" / "skills" / s)
     assert len(data.test_sets(tmp_path, skills)["skills"]) == 12  # intact: loads
     path = tmp_path / "datasets" / "skills" / "upper"
     ds = data.load(path)
@@ -292,14 +295,14 @@ def test_failing_notebook_cell_fails_the_stage_with_the_cells_error(project, tmp
 # --------------------------------------------------------------------------- 3. interrupted work
 
 
-EXPERT = ExpertsParams(rank=4, alpha=8, target_modules=["q_proj", "v_proj"], steps=12, lr=1e-2, batch_size=4,
+EXPERT = make_params(ExpertsParams, rank=4, alpha=8, target_modules=["q_proj", "v_proj"], steps=12, lr=1e-2, batch_size=4,
                        max_length=32, seed=0)
 
 
 @pytest.fixture(scope="module")
 def lora_inputs(tiny):
-    skills = SkillsParams(train=["reverse", "upper"])
-    train = data.skill_splits("reverse", skills, SynthesizeParams(n_train=12, n_val=1, n_test=2))["train"]
+    skills = make_params(SkillsParams, train=["reverse", "upper"])
+    train = synth.skill_splits("reverse", skills, make_params(SynthesizeParams, n_train=12, n_val=1, n_test=2))["train"]
     return tiny["base"], train  # 12 rows, batch 4: 3 steps per epoch
 
 
@@ -530,7 +533,7 @@ def test_loading_the_pipelines_models_never_unpickles(project, monkeypatch):
     monkeypatch.setattr(torch, "load", no_unpickling)
     monkeypatch.setattr(pickle, "load", no_unpickling)
     monkeypatch.setattr(pickle, "loads", no_unpickling)
-    S = SkillsParams(**smoke_params(project)["skills"])
+    S = make_params(SkillsParams, **smoke_params(project)["skills"])
     load_causal_lm(project / "models" / "base")
     model, _ = experts.load_with_adapters(project / "models" / "base", experts.adapter_dirs(project, S.train))
     assert set(model.peft_config) >= set(S.train)
@@ -538,8 +541,8 @@ def test_loading_the_pipelines_models_never_unpickles(project, monkeypatch):
 
 def test_trust_remote_code_is_off_by_default():
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    assert config.ModelParams().trust_remote_code is False and raw["model"]["trust_remote_code"] is False
-    assert config.TeacherParams().trust_remote_code is False
+    assert make_params(config.ModelParams).trust_remote_code is False and raw["model"]["trust_remote_code"] is False
+    assert make_params(config.TeacherParams).trust_remote_code is False
     assert raw["synthesize"]["teacher"]["trust_remote_code"] is False
     sources = [*(REPO / "lib").rglob("*.py"), *(REPO / "notebooks").glob("*.ipynb")]
     on = [str(p.relative_to(REPO)) for p in sources if "trust_remote_code=True" in p.read_text().replace(" ", "")]
@@ -575,7 +578,7 @@ def test_default_profile_makes_no_network_connection(tmp_path, monkeypatch):
     cfg = config.load(["skills", "synthesize", "model", "experts", "evaluation"], REPO / "params.yaml")
     S, P, M, E = cfg["skills"], cfg["synthesize"], cfg["model"], cfg["experts"]
     P = P.model_copy(update=dict(n_train=16, n_val=4, n_test=4, n_composed=4, n_heldout=4, corpus_size=200))
-    data.synthesize_all(S, P, tmp_path / "datasets", data_dir=REPO / "data", progress=False)
+    synth.synthesize_all(S, P, tmp_path / "datasets", data_dir=REPO / "data", progress=False)
     prepare_base(M.model_copy(update={"pretrain_steps": 2}), tmp_path / "datasets" / "corpus", tmp_path / "base",
                  progress=False)
     skill = S.train[0]

@@ -14,8 +14,10 @@ import yaml
 from datasets import DatasetDict
 
 from conftest import DATA, make_workdir
+from lib.core.config import make as make_params
 from lib.core import config
-from lib.synth import datasets as data
+from lib.core import data
+from lib.synth import datasets as synth
 from lib.cli import run_stage
 from lib import skills as skill_lib
 from lib.core.config import SkillsParams, SynthesizeParams, TeacherParams
@@ -89,7 +91,7 @@ def test_stage_splits_are_disjoint_and_answers_correct(smoke):
             for y in names[i + 1 :]:
                 assert not set(prompts[x]) & set(prompts[y]), f"{path}: {x} and {y} share prompts"
         data.verify(ds, path)
-        assert data.overlap(ds) == {k: 0 for k in data.overlap(ds)}
+        assert synth.overlap(ds) == {k: 0 for k in synth.overlap(ds)}
 
 
 def test_stage_corpus_is_copy_only(smoke):
@@ -126,13 +128,13 @@ def test_stage_metrics_and_report(smoke):
 
 
 def test_stage_equals_direct_synthesis(smoke, tmp_path):
-    """The notebook writes exactly what data.synthesize_all writes for the same params."""
+    """The notebook writes exactly what synth.synthesize_all writes for the same params."""
     root, _, S, P = smoke
-    data.synthesize_all(S, P, tmp_path / "datasets", root / "data")
+    synth.synthesize_all(S, P, tmp_path / "datasets", root / "data")
     assert _digest(_tree(tmp_path / "datasets")) == _digest(_tree(root / "datasets"))
 
 
-# ---- determinism (data.synthesize_all directly) ----------------------------------------
+# ---- determinism (synth.synthesize_all directly) ----------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -148,8 +150,8 @@ def _replace(section, **changes):
 
 def test_same_params_byte_identical(smoke_params, tmp_path):
     S, P = smoke_params
-    s1 = data.synthesize_all(S, P, tmp_path / "a", DATA)
-    s2 = data.synthesize_all(S, P, tmp_path / "b", DATA)
+    s1 = synth.synthesize_all(S, P, tmp_path / "a", DATA)
+    s2 = synth.synthesize_all(S, P, tmp_path / "b", DATA)
     a, b = _tree(tmp_path / "a"), _tree(tmp_path / "b")
     assert s1 == s2
     assert len(a) > 4 * len(S.train)
@@ -160,8 +162,8 @@ def test_same_params_byte_identical(smoke_params, tmp_path):
 
 def test_other_seed_other_prompts(smoke_params, tmp_path):
     S, P = smoke_params
-    data.synthesize_all(S, P, tmp_path / "a", DATA)
-    data.synthesize_all(S, _replace(P, seed=P.seed + 1), tmp_path / "b", DATA)
+    synth.synthesize_all(S, P, tmp_path / "a", DATA)
+    synth.synthesize_all(S, _replace(P, seed=P.seed + 1), tmp_path / "b", DATA)
     for name in S.train:
         a = list(data.load(tmp_path / "a" / "skills" / name)["train"]["prompt"])
         b = list(data.load(tmp_path / "b" / "skills" / name)["train"]["prompt"])
@@ -172,8 +174,8 @@ def test_one_difficulty_change_leaves_other_skills_identical(smoke_params, tmp_p
     S, P = smoke_params
     changed = "reverse" if "reverse" in S.train else S.train[0]
     S2 = _replace(S, difficulty={**S.difficulty, changed: S.level(changed) + 2})
-    data.synthesize_all(S, P, tmp_path / "a", DATA)
-    data.synthesize_all(S2, P, tmp_path / "b", DATA)
+    synth.synthesize_all(S, P, tmp_path / "a", DATA)
+    synth.synthesize_all(S2, P, tmp_path / "b", DATA)
     for name in S.train:
         a, b = _tree(tmp_path / "a" / "skills" / name), _tree(tmp_path / "b" / "skills" / name)
         if name == changed:
@@ -188,8 +190,8 @@ def test_split_sizes_do_not_move_the_test_set(smoke_params):
     """Test prompts come first from each skill's stream: more training data keeps the test set."""
     S, P = smoke_params
     name = S.train[0]
-    a = data.skill_splits(name, S, P)
-    b = data.skill_splits(name, S, _replace(P, n_train=P.n_train * 2))
+    a = synth.skill_splits(name, S, P)
+    b = synth.skill_splits(name, S, _replace(P, n_train=P.n_train * 2))
     assert list(a["test"]["prompt"]) == list(b["test"]["prompt"])
     assert list(b["train"]["prompt"])[: P.n_train] == list(a["train"]["prompt"])
 
@@ -200,7 +202,7 @@ def test_split_sizes_do_not_move_the_test_set(smoke_params):
 def test_wrong_answer_on_disk_is_caught(smoke_params, tmp_path):
     S, P = smoke_params
     name = S.train[0]
-    ds = data.skill_splits(name, S, P)
+    ds = synth.skill_splits(name, S, P)
     answers = list(ds["test"]["answer"])
     answers[5] = answers[5] + "9"
     bad = DatasetDict({**ds, "test": ds["test"].remove_columns("answer").add_column("answer", answers)})
@@ -216,7 +218,7 @@ def test_wrong_answer_on_disk_is_caught(smoke_params, tmp_path):
 
 def test_missing_split_and_missing_path(smoke_params, tmp_path):
     S, P = smoke_params
-    ds = data.skill_splits(S.train[0], S, P)
+    ds = synth.skill_splits(S.train[0], S, P)
     path = tmp_path / "partial"
     DatasetDict({"train": ds["train"], "test": ds["test"]}).save_to_disk(str(path))
     with pytest.raises(data.DataError) as e:
@@ -234,7 +236,7 @@ def test_missing_split_and_missing_path(smoke_params, tmp_path):
 
 def test_save_is_atomic(tmp_path, smoke_params):
     S, P = smoke_params
-    ds = data.skill_splits(S.train[0], S, P)
+    ds = synth.skill_splits(S.train[0], S, P)
     path = tmp_path / "out"
     data.save(ds, path)
     data.save(ds, path)  # overwrite in place
@@ -243,21 +245,21 @@ def test_save_is_atomic(tmp_path, smoke_params):
 
 
 def test_unique_prompts_space_too_small():
-    S = SkillsParams(train=["mul"], difficulty={"mul": 1})
-    P = SynthesizeParams(n_train=500, n_val=10, n_test=10)
+    S = make_params(SkillsParams, train=["mul"], difficulty={"mul": 1})
+    P = make_params(SynthesizeParams, n_train=500, n_val=10, n_test=10)
     with pytest.raises(data.DataError) as e:
-        data.skill_splits("mul", S, P)
+        synth.skill_splits("mul", S, P)
     msg = str(e.value)
     assert "skill 'mul'" in msg and "only 100 distinct prompts" in msg and "520 needed" in msg
     assert "skills.difficulty" in msg
     with pytest.raises(data.DataError, match="thing: only 1 distinct"):
-        data.unique_prompts(lambda: "x", 2, "thing")
-    assert data.unique_prompts(iter(["a", "a", "b", "c"]).__next__, 3, "t") == ["a", "b", "c"]
+        synth.unique_prompts(lambda: "x", 2, "thing")
+    assert synth.unique_prompts(iter(["a", "a", "b", "c"]).__next__, 3, "t") == ["a", "b", "c"]
 
 
 def test_cards_validate():
     names = sorted(skill_lib.all_skills())
-    cards = data.load_cards(DATA, names)
+    cards = synth.load_cards(DATA, names)
     files = sorted(p.stem for p in (DATA / "skills").glob("*.yaml"))
     assert sorted(cards) == files
     assert files, "data/skills has no cards"
@@ -268,7 +270,7 @@ def test_cards_validate():
         assert len(card["exemplars"]) >= 4
         for ex in card["exemplars"]:
             assert skill_lib.solve_any(ex["prompt"]) == str(ex["answer"])
-    assert data.load_cards(DATA, ["add", "nocardforthis"]).keys() == {"add"}
+    assert synth.load_cards(DATA, ["add", "nocardforthis"]).keys() == {"add"}
 
 
 def test_card_with_wrong_answer_names_the_file(tmp_path):
@@ -278,11 +280,11 @@ def test_card_with_wrong_answer_names_the_file(tmp_path):
     card["exemplars"][1]["answer"] = "wrong"
     path.write_text(yaml.safe_dump(card))
     with pytest.raises(data.DataError) as e:
-        data.load_cards(tmp_path / "data", ["add", "reverse"])
+        synth.load_cards(tmp_path / "data", ["add", "reverse"])
     assert str(path) in str(e.value) and "'wrong'" in str(e.value)
     path.write_text("just a string\n")
     with pytest.raises(data.DataError, match="not a skill card"):
-        data.load_cards(tmp_path / "data", ["reverse"])
+        synth.load_cards(tmp_path / "data", ["reverse"])
 
 
 # ---- teacher (SELMA-style) path -------------------------------------------------------
@@ -304,10 +306,10 @@ def test_missing_teacher_is_a_clear_error(tmp_path):
     with pytest.raises(ModelLoadError) as e:
         load_causal_lm(missing)
     assert str(missing) in str(e.value)
-    S = SkillsParams(train=["reverse"], heldout=[])
-    P = SynthesizeParams(source="teacher", n_composed=0, corpus_size=10, teacher=TeacherParams(model=str(missing)))
+    S = make_params(SkillsParams, train=["reverse"], heldout=[])
+    P = make_params(SynthesizeParams, source="teacher", n_composed=0, corpus_size=10, teacher=make_params(TeacherParams, model=str(missing)))
     with pytest.raises(ModelLoadError, match=re.escape(str(missing))):
-        data.synthesize_all(S, P, tmp_path / "out", DATA)
+        synth.synthesize_all(S, P, tmp_path / "out", DATA)
     assert not (tmp_path / "out").exists()
 
 
@@ -348,13 +350,13 @@ def test_teacher_path_end_to_end(tmp_path, one_thread):
     path = tmp_path / "teacher"
     _train_tiny_teacher(path, "reverse")
     assert (path / "model.safetensors").exists()
-    S = SkillsParams(train=["reverse"], heldout=[], difficulty={"default": 4})
-    P = SynthesizeParams(
+    S = make_params(SkillsParams, train=["reverse"], heldout=[], difficulty={"default": 4})
+    P = make_params(SynthesizeParams, 
         source="teacher", seed=0, n_train=1000, n_val=4, n_test=16, n_composed=0, n_heldout=0, corpus_size=20,
-        teacher=TeacherParams(model=str(path), n_candidates=64, batch_size=32, max_new_tokens=16, rouge_l_max=0.8),
+        teacher=make_params(TeacherParams, model=str(path), n_candidates=64, batch_size=32, max_new_tokens=16, rouge_l_max=0.8),
     )
     out = tmp_path / "datasets"
-    summary = data.synthesize_all(S, P, out, DATA)
+    summary = synth.synthesize_all(S, P, out, DATA)
     assert summary["source"] == "teacher"
     report = summary["teacher"]["reverse"]
     rejected = {k: v for k, v in report.items() if k.startswith("rejected: ")}
@@ -373,7 +375,7 @@ def test_teacher_path_end_to_end(tmp_path, one_thread):
     assert 0 < len(generated) <= report["kept"]
     assert len(set(generated)) == len(generated)
     assert not test & set(generated), "a teacher prompt leaked into the test split"
-    seeds = {ex["prompt"] for ex in data.load_cards(DATA, ["reverse"])["reverse"]["exemplars"]}
+    seeds = {ex["prompt"] for ex in synth.load_cards(DATA, ["reverse"])["reverse"]["exemplars"]}
     assert not seeds & set(generated), "seed exemplars are not new prompts"
     skill = skill_lib.get_skill("reverse")
     for p, a in zip(generated, list(ds["train"]["answer"]) + list(ds["validation"]["answer"])):
@@ -393,7 +395,7 @@ def test_a_new_skill_flows_through_synthesis_without_code_changes(smoke_params, 
     monkeypatch.setitem(skill_lib.base._REGISTRY, "double", double)
     S, P = smoke_params
     S2 = config.validate_section("skills", {**S.model_dump(), "train": [*S.train, "double"]})
-    summary = data.synthesize_all(S2, P, tmp_path / "datasets", DATA)
+    summary = synth.synthesize_all(S2, P, tmp_path / "datasets", DATA)
     assert summary["skills"]["double"]["train"] == P.n_train
     ds = data.load(tmp_path / "datasets" / "skills" / "double", ("train", "test"))
     assert all(a == p.split(" ")[1] * 2 for p, a in zip(ds["test"]["prompt"], ds["test"]["answer"]))
@@ -404,18 +406,18 @@ def test_a_new_skill_flows_through_synthesis_without_code_changes(smoke_params, 
 def test_corpus_skill_lines_show_training_skills_under_an_alias():
     from lib.core.config import SkillsParams, SynthesizeParams
 
-    skills = SkillsParams(train=["inc", "reverse", "count"], heldout=["mindigit"], difficulty={"default": 3})
-    plain = data.corpus(skills, SynthesizeParams(corpus_size=400))
-    mixed = data.corpus(skills, SynthesizeParams(corpus_size=400, corpus_skill_fraction=0.3))
+    skills = make_params(SkillsParams, train=["inc", "reverse", "count"], heldout=["mindigit"], difficulty={"default": 3})
+    plain = synth.corpus(skills, make_params(SynthesizeParams, corpus_size=400))
+    mixed = synth.corpus(skills, make_params(SynthesizeParams, corpus_size=400, corpus_skill_fraction=0.3))
     assert all(t.startswith("copy ") for t in list(plain["train"]["text"]) + list(plain["validation"]["text"]))
     lines = list(mixed["train"]["text"]) + list(mixed["validation"]["text"])
     shown = [t for t in lines if not t.startswith("copy ")]
     assert 0.2 < len(shown) / len(lines) < 0.4
-    aliases = {data.alias(s): s for s in skills.train}
+    aliases = {synth.alias(s): s for s in skills.train}
     assert set(aliases) & set(skill_lib.all_skills()) == set()  # no alias is a real skill's name
     for line in shown:
         name, rest = line.split(" ", 1)
-        prompt_input, answer = rest.split(data.ALIAS_SEPARATOR + " ")
+        prompt_input, answer = rest.split(synth.ALIAS_SEPARATOR + " ")
         skill = skill_lib.get_skill(aliases[name])  # KeyError for a held-out or unknown skill
         assert skill.apply(prompt_input) == answer, line
     assert {line.split(" ", 1)[0] for line in shown} == set(aliases)

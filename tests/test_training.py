@@ -18,7 +18,9 @@ import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import make_workdir
-from lib.synth import datasets as data
+from lib.core.config import make as make_params
+from lib.core import data
+from lib.synth import datasets as synth
 from lib.experts import adapters as experts, train as train_expert
 from lib.core import training
 from lib.experts.base import prepare_base
@@ -29,9 +31,9 @@ from lib.core.tokenization import build_char_tokenizer
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4, max_len=32, pretrain_steps=5, batch_size=8)
-EXPERT = ExpertsParams(rank=4, alpha=12, target_modules=["q_proj", "v_proj"], steps=5, lr=1e-2, batch_size=4, max_length=32, seed=0)
-SKILLS = SkillsParams(train=["reverse", "upper"], difficulty={"default": 3})
-SYN = SynthesizeParams(n_train=12, n_val=1, n_test=3)
+EXPERT = make_params(ExpertsParams, rank=4, alpha=12, target_modules=["q_proj", "v_proj"], steps=5, lr=1e-2, batch_size=4, max_length=32, seed=0)
+SKILLS = make_params(SkillsParams, train=["reverse", "upper"], difficulty={"default": 3})
+SYN = make_params(SynthesizeParams, n_train=12, n_val=1, n_test=3)
 
 
 
@@ -47,7 +49,7 @@ def tiny_llama(tok, hidden: int = 32, seed: int = 0) -> LlamaForCausalLM:
 
 
 def skill_sets() -> dict:
-    return {s: data.skill_splits(s, SKILLS, SYN) for s in SKILLS.train}
+    return {s: synth.skill_splits(s, SKILLS, SYN) for s in SKILLS.train}
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -58,7 +60,7 @@ def corpus_dir(tmp_path_factory) -> Path:
     from datasets import Dataset, DatasetDict
 
     rng = random.Random(0)
-    lines = [data.corpus_line(rng, SKILLS.train, 5) for _ in range(50)]
+    lines = [synth.corpus_line(rng, SKILLS.train, 5) for _ in range(50)]
     path = tmp_path_factory.mktemp("corpus") / "corpus"
     data.save(DatasetDict({"train": Dataset.from_dict({"text": lines[5:]}),
                            "validation": Dataset.from_dict({"text": lines[:5]})}), path)
@@ -69,7 +71,7 @@ def corpus_dir(tmp_path_factory) -> Path:
 def scratch_base(tmp_path_factory, corpus_dir):
     """(info, curve, models/base) of a scratch base, built once for the module."""
     out = tmp_path_factory.mktemp("scratch") / "models" / "base"
-    info, curve = prepare_base(ModelParams(**TINY), corpus_dir, out, progress=False)
+    info, curve = prepare_base(make_params(ModelParams, **TINY), corpus_dir, out, progress=False)
     return info, curve, out
 
 
@@ -115,7 +117,7 @@ def test_base_from_path_is_saved_and_gives_identical_logits(tmp_path, hf_model):
     path, model, tok = hf_model
     assert (path / "model.safetensors").is_file()
     out = tmp_path / "models" / "base"
-    info, curve = prepare_base(ModelParams(base=str(path)), corpus_dir=tmp_path / "no_corpus", out_dir=out, progress=False)
+    info, curve = prepare_base(make_params(ModelParams, base=str(path)), corpus_dir=tmp_path / "no_corpus", out_dir=out, progress=False)
     assert info["source"] == str(path)
     assert info["pretrain_steps"] == 0 and info["tokens_seen"] == 0
     assert info["parameters"] == sum(p.numel() for p in model.parameters())
@@ -138,7 +140,7 @@ def test_base_from_missing_path_is_a_clear_error(tmp_path):
     missing = tmp_path / "no_such_model"
     out = tmp_path / "models" / "base"
     with pytest.raises(ModelLoadError, match="no_such_model"):
-        prepare_base(ModelParams(base=str(missing)), corpus_dir=tmp_path / "no_corpus", out_dir=out, progress=False)
+        prepare_base(make_params(ModelParams, base=str(missing)), corpus_dir=tmp_path / "no_corpus", out_dir=out, progress=False)
     assert not out.exists()
 
 
@@ -159,7 +161,7 @@ def test_trust_remote_code_is_off_by_default_and_passed_through(tmp_path, hf_mod
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake_model)
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fake_tok)
-    m = ModelParams(base=str(path)) if trust is None else ModelParams(base=str(path), trust_remote_code=trust)
+    m = make_params(ModelParams, base=str(path)) if trust is None else make_params(ModelParams, base=str(path), trust_remote_code=trust)
     if trust is None:
         assert m.trust_remote_code is False
     prepare_base(m, corpus_dir=tmp_path / "no_corpus", out_dir=tmp_path / "base", progress=False)
@@ -191,7 +193,7 @@ def test_scratch_base_is_saved_complete(scratch_base):
 
 def test_scratch_base_is_deterministic(tmp_path, scratch_base, corpus_dir):
     _, _, first = scratch_base
-    info, _ = prepare_base(ModelParams(**TINY), corpus_dir, tmp_path / "models" / "base", progress=False)
+    info, _ = prepare_base(make_params(ModelParams, **TINY), corpus_dir, tmp_path / "models" / "base", progress=False)
     assert (tmp_path / "models" / "base" / "model.safetensors").read_bytes() == (first / "model.safetensors").read_bytes()
     assert info["tokens_seen"] == scratch_base[0]["tokens_seen"]
 
@@ -409,7 +411,7 @@ def test_score_matrix_rows(scratch_base, trained, second_adapter):
     model, tok = experts.load_with_adapters(base, {"reverse": trained[0], "upper": second_adapter})
     tests = concatenate_datasets([ds["test"] for ds in skill_sets().values()]).select_columns(["prompt", "answer", "skill"])
     names = ["__base__", "reverse", "upper"]
-    table = experts.score_matrix(model, tok, tests, names, EvalParams(batch_size=8, n_boot=100, ece_bins=2), progress=False)
+    table = experts.score_matrix(model, tok, tests, names, make_params(EvalParams, batch_size=8, n_boot=100, ece_bins=2), progress=False)
     assert list(table.columns) == ["model", "skill", "n", "accuracy", "ci_low", "ci_high", "ece"]
     assert len(table) == len(names) * len(SKILLS.train)
     assert set(zip(table["model"], table["skill"])) == {(m, s) for m in ("base", "reverse", "upper") for s in SKILLS.train}

@@ -360,20 +360,21 @@ def multitask(study, order, skills, seed):
 @strategy("library_merge")
 def library_merge(study, order, skills, seed):
     from lib.merge import task_vectors as M
-    from lib.merge.leaderboard import choose_lambda, merge_kwargs
+    from lib.merge.leaderboard import choose_lambda
+    from lib.merge.methods import MERGE_METHODS
 
     lib, p = study.library(), study.c.library
     rows, wall, lams = [], 0.0, []
     for i in range(1, len(skills) + 1):
         seen = skills[:i]
-        key = ("merge", frozenset(seen), seed if p.merge in M.RANDOM_METHODS else None)
+        key = ("merge", frozenset(seen), seed if MERGE_METHODS.get(p.merge).random else None)
         if key not in lib["rows"]:
             tvs = {t: lib["tvs"][t] for t in seen}
             val = study.val[study.val.skill.isin(seen)]
 
             def build(lam):
                 weights = None if p.merge == "linear" else [lam] * len(seen)
-                merged = M.merge_task_vectors(tvs, p.merge, weights=weights, seed=seed, **merge_kwargs(p.merge, p))
+                merged = M.merge_task_vectors(tvs, p.merge, weights=weights, seed=seed, **M.method_kwargs(p.merge, p))
                 return M.apply_merged(study.base, merged)
 
             def score(model):

@@ -67,6 +67,7 @@ import numpy as np
 import pandas as pd
 
 from lib.core import config
+from lib.core.stats import t_interval
 from lib import skills as skill_lib
 
 CURVE_STRATEGIES = ("sequential_lora", "sequential_full", "replay", "ewc", "l2", "olora")
@@ -159,20 +160,6 @@ def stability_gap(curve: pd.DataFrame, skills: Sequence[str], steps_per_task: in
 
 
 # --------------------------------------------------------------------------- intervals
-
-
-def ci(values: Sequence[float], level: float = 0.95) -> dict[str, Any]:
-    """``{"mean", "lo", "hi", "n"}``: Student-t interval over runs (lo = hi = mean for one run)."""
-    x = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=float)
-    if x.size == 0:
-        return {"mean": None, "lo": None, "hi": None, "n": 0}
-    mean = float(x.mean())
-    if x.size == 1:
-        return {"mean": mean, "lo": mean, "hi": mean, "n": 1}
-    from scipy import stats
-
-    half = float(stats.t.ppf(0.5 + level / 2, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size))
-    return {"mean": mean, "lo": mean - half, "hi": mean + half, "n": int(x.size)}
 
 
 # --------------------------------------------------------------------------- task orders
@@ -346,7 +333,7 @@ def summarize(results: Sequence[RunResult], c) -> tuple[dict, pd.DataFrame]:
     summary = []
     for s in strategies:
         t = table[table.strategy == s]
-        entry = {m: ci(t[m]) for m in METRICS}
+        entry = {m: t_interval(t[m]) for m in METRICS}
         entry["R"] = {o: np.mean([r.R for r in results if r.strategy == s and r.order == o], axis=0).round(4).tolist()
                       for o in orders if any(r.strategy == s and r.order == o for r in results)}
         entry["trainable_params"] = int(t.trainable_params.max())
@@ -358,7 +345,7 @@ def summarize(results: Sequence[RunResult], c) -> tuple[dict, pd.DataFrame]:
         for m in METRICS:
             row.update({m: entry[m]["mean"], f"{m}_lo": entry[m]["lo"], f"{m}_hi": entry[m]["hi"]})
         if "depth" in t and t["depth"].notna().any():
-            out["stability_gap"][s] = {g: ci(t[g]) for g in GAP}
+            out["stability_gap"][s] = {g: t_interval(t[g]) for g in GAP}
             for g in GAP:
                 row.update({g: out["stability_gap"][s][g]["mean"], f"{g}_lo": out["stability_gap"][s][g]["lo"],
                             f"{g}_hi": out["stability_gap"][s][g]["hi"]})

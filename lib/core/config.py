@@ -45,8 +45,8 @@ class SkillsParams(Section):
     """Which skills the study trains on, which are held out, and how hard each is."""
 
     train: list[str] = Field(min_length=1, description="skills that get an expert")
-    heldout: list[str] = Field(default_factory=list, description="skills no expert trains on")
-    difficulty: dict[str, int] = Field(default_factory=lambda: {"default": 3})
+    heldout: list[str] = Field(description="skills no expert trains on")
+    difficulty: dict[str, int]
 
     @field_validator("train", "heldout")
     @classmethod
@@ -81,29 +81,29 @@ class SkillsParams(Section):
 class TeacherParams(Section):
     """SELMA-style generation: a causal LM writes new prompts from in-context seed exemplars."""
 
-    model: str | None = Field(None, description="local path or hub id of the teacher causal LM")
-    trust_remote_code: bool = False
-    n_shots: int = Field(4, ge=1)
-    n_candidates: int = Field(400, ge=1, description="prompts sampled per skill")
-    rouge_l_max: float = Field(0.8, gt=0, le=1, description="drop a prompt this similar to a kept one")
-    temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(0.95, gt=0, le=1)
-    max_new_tokens: int = Field(24, ge=1)
-    batch_size: int = Field(16, ge=1)
+    model: str | None = Field(description="local path or hub id of the teacher causal LM")
+    trust_remote_code: bool
+    n_shots: int = Field(ge=1)
+    n_candidates: int = Field(ge=1, description="prompts sampled per skill")
+    rouge_l_max: float = Field(gt=0, le=1, description="drop a prompt this similar to a kept one")
+    temperature: float = Field(gt=0)
+    top_p: float = Field(gt=0, le=1)
+    max_new_tokens: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
 
 
 class SynthesizeParams(Section):
-    source: Literal["programmatic", "teacher"] = "programmatic"
-    seed: int = 0
-    n_train: int = Field(2000, ge=1)
-    n_val: int = Field(100, ge=1)
-    n_test: int = Field(200, ge=1)
-    n_composed: int = Field(200, ge=0)
-    n_heldout: int = Field(200, ge=0)
-    corpus_size: int = Field(20000, ge=1, description="lines of generic text for pretraining the base")
-    corpus_skill_fraction: float = Field(0.0, ge=0, lt=1, description="share of corpus lines that show a training "
+    source: Literal["programmatic", "teacher"]
+    seed: int
+    n_train: int = Field(ge=1)
+    n_val: int = Field(ge=1)
+    n_test: int = Field(ge=1)
+    n_composed: int = Field(ge=0)
+    n_heldout: int = Field(ge=0)
+    corpus_size: int = Field(ge=1, description="lines of generic text for pretraining the base")
+    corpus_skill_fraction: float = Field(ge=0, lt=1, description="share of corpus lines that show a training "
                                          "skill under an alias name (the base 'knows' the skill, not its prompt)")
-    teacher: TeacherParams = TeacherParams()
+    teacher: TeacherParams
 
     @model_validator(mode="after")
     def _teacher_needs_model(self):
@@ -116,17 +116,17 @@ class ModelParams(Section):
     """Stage 02: the base model. ``base: scratch`` pretrains a small Llama on the corpus;
     anything else is a local path or hub id loaded with the Auto classes."""
 
-    base: str = "scratch"
-    trust_remote_code: bool = False
-    seed: int = 0
-    hidden_size: int = Field(128, ge=8)
-    intermediate_size: int = Field(512, ge=8)
-    num_layers: int = Field(4, ge=1)
-    num_heads: int = Field(4, ge=1)
-    max_len: int = Field(64, ge=16, description="longest training sequence in tokens")
-    pretrain_steps: int = Field(1000, ge=1)
-    batch_size: int = Field(64, ge=1)
-    lr: float = Field(3e-3, gt=0)
+    base: str
+    trust_remote_code: bool
+    seed: int
+    hidden_size: int = Field(ge=8)
+    intermediate_size: int = Field(ge=8)
+    num_layers: int = Field(ge=1)
+    num_heads: int = Field(ge=1)
+    max_len: int = Field(ge=16, description="longest training sequence in tokens")
+    pretrain_steps: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    lr: float = Field(gt=0)
 
     @model_validator(mode="after")
     def _heads_divide(self):
@@ -138,37 +138,45 @@ class ModelParams(Section):
 class ExpertsParams(Section):
     """Stage 03: one LoRA per skill and the joint multi-skill LoRA (trl SFTTrainer + peft)."""
 
-    rank: int = Field(8, ge=1)
-    alpha: float = Field(16, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1)
-    steps: int = Field(300, ge=1)
-    lr: float = Field(3e-3, gt=0)
-    batch_size: int = Field(32, ge=1)
-    weight_decay: float = Field(0.0, ge=0)
-    max_length: int = Field(64, ge=8)
-    seed: int = 0
+    rank: int = Field(ge=1)
+    alpha: float = Field(gt=0)
+    dropout: float = Field(ge=0, lt=1)
+    target_modules: list[str] = Field(min_length=1)
+    steps: int = Field(ge=1)
+    lr: float = Field(gt=0)
+    batch_size: int = Field(ge=1)
+    weight_decay: float = Field(ge=0)
+    max_length: int = Field(ge=8)
+    seed: int
     # Early stopping: stop once the mean of the last `stop_window` logged training losses
     # (logged every steps/50 steps) is below `stop_loss`; null trains every step. `steps`
     # is then a cap, and the joint total budget is the steps the experts actually ran.
-    stop_loss: float | None = Field(None, gt=0)
-    stop_window: int = Field(3, ge=1)
+    stop_loss: float | None = Field(gt=0)
+    stop_window: int = Field(ge=1)
 
 
 class EvalParams(Section):
     """The evaluation harness used by every stage."""
 
-    batch_size: int = Field(128, ge=1)
-    n_boot: int = Field(1000, ge=100)
-    ece_bins: int = Field(10, ge=2)
+    batch_size: int = Field(ge=1)
+    n_boot: int = Field(ge=100)
+    ece_bins: int = Field(ge=2)
 
 
-# Method names, kept here as plain tuples so validating params.yaml never imports torch;
-# tests/test_config.py checks them against the registries in lib/merge/task_vectors.py,
-# lib/merge/adapter_space.py and lib/merge/leaderboard.py.
-MERGE_METHOD_NAMES = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune", "breadcrumbs")
-PEFT_COMBINATION_NAMES = ("linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_linear_svd", "dare_ties",
-                          "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd")
+def _merge_methods(names: list[str]) -> list[str]:
+    # Imported here: the registry loads the method files (torch) only when a section names them.
+    from lib.merge.methods import MERGE_METHODS
+
+    return MERGE_METHODS.check(names)
+
+
+def _peft_combinations(names: list[str]) -> list[str]:
+    from lib.merge.adapter_space import PEFT_COMBINATIONS
+
+    return _known_names("peft combination type", names, PEFT_COMBINATIONS)
+
+
+# Routers: still a tuple until they get their registry.
 ROUTER_NAMES = ("oracle", "router_top1", "router_soft", "arrow", "arrow_gks", "lorahub", "ensemble")
 
 
@@ -191,52 +199,53 @@ def _known_names(kind: str, names: list[str], known: tuple[str, ...]) -> list[st
 class RouterParams(Section):
     """The learned task-level router: a classifier on mean-pooled base hidden states."""
 
-    hidden_layer: int = -1
-    hidden: int = Field(0, ge=0, description="0: linear classifier; else one hidden layer of this width")
-    epochs: int = Field(200, ge=1)
-    lr: float = Field(1e-2, gt=0)
-    weight_decay: float = Field(1e-3, ge=0)
-    n_train: int = Field(200, ge=1, description="training prompts per skill")
-    top_k: int = Field(2, ge=1, description="experts mixed per example by router_soft")
+    hidden_layer: int
+    hidden: int = Field(ge=0, description="0: linear classifier; else one hidden layer of this width")
+    epochs: int = Field(ge=1)
+    lr: float = Field(gt=0)
+    weight_decay: float = Field(ge=0)
+    n_train: int = Field(ge=1, description="training prompts per skill")
+    top_k: int = Field(ge=1, description="experts mixed per example by router_soft")
 
 
 class ArrowParams(Section):
-    top_k: int = Field(3, ge=1)
-    temperature: float = Field(1.0, gt=0)
+    top_k: int = Field(ge=1)
+    temperature: float = Field(gt=0)
 
 
 class LoraHubParams(Section):
-    targets: list[Literal["composed", "heldout"]] = Field(default_factory=lambda: ["composed", "heldout"])
-    n_examples: int = Field(20, ge=1, description="few-shot examples from the target's validation split")
-    budget: int = Field(40, ge=1, description="loss evaluations of the gradient-free search")
-    l1: float = Field(0.05, ge=0)
+    targets: list[Literal["composed", "heldout"]]
+    n_examples: int = Field(ge=1, description="few-shot examples from the target's validation split")
+    budget: int = Field(ge=1, description="loss evaluations of the gradient-free search")
+    l1: float = Field(ge=0)
 
 
 class MergeRouteParams(Section):
     """Stage 04: merging methods (weight-update space and peft's adapter space) and routers."""
 
-    seed: int = 0
-    merges: list[str] = Field(default_factory=lambda: list(MERGE_METHOD_NAMES))
-    lam_grid: list[float] = Field(default_factory=lambda: [0.1, 0.2, 0.3, 0.5, 0.7, 1.0], min_length=1,
+    seed: int
+    merges: list[str]
+    lam_grid: list[float] = Field(min_length=1,
                                   description="global scale λ of each summed merge, chosen on validation")
-    density: float = Field(0.3, ge=0, le=1, description="fraction of entries kept (TIES, DARE, magnitude, breadcrumbs)")
-    beta: float = Field(0.02, ge=0, le=1, description="breadcrumbs: fraction of largest entries dropped")
-    majority_sign_method: Literal["total", "frequency"] = "total"
-    refactor_rank: int | None = Field(16, ge=1, description="re-factor the best ΔW merge to a LoRA of this rank")
-    peft_merges: list[str] = Field(default_factory=lambda: list(PEFT_COMBINATION_NAMES))
-    svd_rank: int = Field(16, ge=1)
-    routers: list[str] = Field(default_factory=lambda: list(ROUTER_NAMES))
-    router: RouterParams = RouterParams()
-    arrow: ArrowParams = ArrowParams()
-    lorahub: LoraHubParams = LoraHubParams()
+    density: float = Field(ge=0, le=1, description="fraction of entries kept (TIES, DARE, magnitude, breadcrumbs)")
+    beta: float = Field(ge=0, le=1, description="breadcrumbs: fraction of largest entries dropped")
+    majority_sign_method: Literal["total", "frequency"]
+    refactor_rank: int | None = Field(ge=1, description="re-factor the best ΔW merge to a LoRA of this rank")
+    peft_merges: list[str]
+    svd_rank: int = Field(ge=1)
+    routers: list[str]
+    router: RouterParams
+    arrow: ArrowParams
+    lorahub: LoraHubParams
 
     @field_validator("merges", "peft_merges", "routers")
     @classmethod
     def _method_names(cls, v, info):
-        kind, known = {"merges": ("merge method", MERGE_METHOD_NAMES),
-                       "peft_merges": ("peft combination type", PEFT_COMBINATION_NAMES),
-                       "routers": ("router", ROUTER_NAMES)}[info.field_name]
-        return _known_names(kind, v, known)
+        if info.field_name == "merges":
+            return _merge_methods(v)
+        if info.field_name == "peft_merges":
+            return _peft_combinations(v)
+        return _known_names("router", v, ROUTER_NAMES)
 
     @field_validator("lam_grid")
     @classmethod
@@ -256,40 +265,40 @@ CONTINUAL_ORDER_NAMES = ("alternating", "grouped", "given")
 
 
 class ReplayParams(Section):
-    fraction: float = Field(0.25, ge=0, lt=1, description="share of every batch drawn from earlier tasks' rows")
-    buffer: int | None = Field(200, ge=1, description="training rows kept per finished task (null: all)")
+    fraction: float = Field(ge=0, lt=1, description="share of every batch drawn from earlier tasks' rows")
+    buffer: int | None = Field(ge=1, description="training rows kept per finished task (null: all)")
 
 
 class EWCParams(Section):
-    lam: float = Field(1000.0, ge=0, description="penalty (λ/2) Σ F_i (θ_i − θ*_i)²")
-    fisher_n: int = Field(100, ge=1, description="training examples the diagonal Fisher is averaged over")
-    fisher_batch: int = Field(1, ge=1, description="examples per squared gradient (1: per-example Fisher)")
+    lam: float = Field(ge=0, description="penalty (λ/2) Σ F_i (θ_i − θ*_i)²")
+    fisher_n: int = Field(ge=1, description="training examples the diagonal Fisher is averaged over")
+    fisher_batch: int = Field(ge=1, description="examples per squared gradient (1: per-example Fisher)")
 
 
 class L2Params(Section):
-    lam: float = Field(1.0, ge=0, description="penalty (λ/2) Σ (θ_i − θ*_i)² towards the previous task's weights")
+    lam: float = Field(ge=0, description="penalty (λ/2) Σ (θ_i − θ*_i)² towards the previous task's weights")
 
 
 class OLoRAParams(Section):
-    lam: float = Field(0.5, ge=0, description="penalty λ Σ ||A_new A_oldᵀ||_F²")
-    l2: float = Field(0.0, ge=0, description="λ₂ ||θ_new||² on the new LoRA (O-LoRA's optional term)")
+    lam: float = Field(ge=0, description="penalty λ Σ ||A_new A_oldᵀ||_F²")
+    l2: float = Field(ge=0, description="λ₂ ||θ_new||² on the new LoRA (O-LoRA's optional term)")
 
 
 class LibraryParams(Section):
     """The expert library: stage-03 experts merged (a lib/merge/task_vectors.py method) or routed."""
 
-    merge: str = "task_arithmetic"
-    lam_grid: list[float] = Field(default_factory=lambda: [0.3, 0.5, 0.7, 1.0], min_length=1,
+    merge: str
+    lam_grid: list[float] = Field(min_length=1,
                                   description="λ chosen per step on the seen skills' validation prompts")
-    density: float = Field(0.3, ge=0, le=1)
-    beta: float = Field(0.02, ge=0, le=1)
-    majority_sign_method: Literal["total", "frequency"] = "total"
-    router: RouterParams = RouterParams()
+    density: float = Field(ge=0, le=1)
+    beta: float = Field(ge=0, le=1)
+    majority_sign_method: Literal["total", "frequency"]
+    router: RouterParams
 
     @field_validator("merge")
     @classmethod
     def _merge(cls, v):
-        return _known_names("merge method", [v], MERGE_METHOD_NAMES)[0]
+        return _merge_methods([v])[0]
 
     @field_validator("lam_grid")
     @classmethod
@@ -300,22 +309,22 @@ class LibraryParams(Section):
 class ContinualParams(Section):
     """Stage 05: skills learned one after another; strategies, orders, budgets (lib/continual/study.py)."""
 
-    strategies: list[str] = Field(default_factory=lambda: list(CONTINUAL_STRATEGY_NAMES), min_length=1)
+    strategies: list[str] = Field(min_length=1)
     tasks: list[str] = Field(min_length=2, description="training skills learned in sequence")
-    orders: list[str] = Field(default_factory=lambda: ["alternating", "grouped"], min_length=1)
-    seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1)
-    steps_per_task: int = Field(80, ge=1)
-    full_lr: float = Field(1e-3, gt=0, description="learning rate of sequential_full (every weight trained)")
-    eval_every: int = Field(10, ge=1, description="probe evaluation every this many steps")
-    eval_n: int = Field(32, ge=1, description="probe prompts per skill (first of the test split)")
-    gap_window: float = Field(0.5, gt=0, le=1, description="share of a task that counts as 'just after the switch'")
-    multitask_budget: Literal["cumulative", "per_task"] = "cumulative"
-    workers: int = Field(2, ge=1, description="processes (one per seed at most), one torch thread each")
-    replay: ReplayParams = ReplayParams()
-    ewc: EWCParams = EWCParams()
-    l2: L2Params = L2Params()
-    olora: OLoRAParams = OLoRAParams()
-    library: LibraryParams = LibraryParams()
+    orders: list[str] = Field(min_length=1)
+    seeds: list[int] = Field(min_length=1)
+    steps_per_task: int = Field(ge=1)
+    full_lr: float = Field(gt=0, description="learning rate of sequential_full (every weight trained)")
+    eval_every: int = Field(ge=1, description="probe evaluation every this many steps")
+    eval_n: int = Field(ge=1, description="probe prompts per skill (first of the test split)")
+    gap_window: float = Field(gt=0, le=1, description="share of a task that counts as 'just after the switch'")
+    multitask_budget: Literal["cumulative", "per_task"]
+    workers: int = Field(ge=1, description="processes (one per seed at most), one torch thread each")
+    replay: ReplayParams
+    ewc: EWCParams
+    l2: L2Params
+    olora: OLoRAParams
+    library: LibraryParams
 
     @field_validator("strategies", "orders")
     @classmethod
@@ -351,33 +360,33 @@ LOCALIZE_SOURCE_NAMES = ("full_ft", "lora")
 class LocalizeFinetuneParams(Section):
     """Stage 06's full fine-tuning of the considered weights on one skill (lib/localize/finetune.py)."""
 
-    steps: int = Field(400, ge=1, description="cap on optimiser steps (early stopping may end sooner)")
-    lr: float = Field(1e-3, gt=0)
-    batch_size: int = Field(32, ge=1)
-    weight_decay: float = Field(0.0, ge=0)
-    max_length: int = Field(64, ge=8)
-    seed: int = 0
-    stop_loss: float | None = Field(0.01, gt=0, description="stop once the mean of the last stop_window logged losses is below")
-    stop_window: int = Field(3, ge=1)
+    steps: int = Field(ge=1, description="cap on optimiser steps (early stopping may end sooner)")
+    lr: float = Field(gt=0)
+    batch_size: int = Field(ge=1)
+    weight_decay: float = Field(ge=0)
+    max_length: int = Field(ge=8)
+    seed: int
+    stop_loss: float | None = Field(gt=0, description="stop once the mean of the last stop_window logged losses is below")
+    stop_window: int = Field(ge=1)
 
 
 class LocalizeParams(Section):
     """Stage 06: skill localization by grafting (Panigrahi et al. 2023), lib/localize/study.py."""
 
-    skills: list[str] | None = Field(None, description="skills to localize (a subset of skills.train); null: all")
-    sources: list[str] = Field(default_factory=lambda: list(LOCALIZE_SOURCE_NAMES), min_length=1)
-    sparsities: list[float] = Field(default_factory=lambda: [0.0001, 0.001, 0.01, 0.1, 0.3], min_length=1,
+    skills: list[str] | None = Field(description="skills to localize (a subset of skills.train); null: all")
+    sources: list[str] = Field(min_length=1)
+    sparsities: list[float] = Field(min_length=1,
                                     description="fractions of the considered parameters kept by a mask")
-    focus_sparsity: float = Field(0.1, description="sparsity of the masks used for overlap, calibration and the graft merge")
-    finetune: LocalizeFinetuneParams = LocalizeFinetuneParams()
-    mask_steps: int = Field(30, ge=0, description="optimisation steps of the grafting mask (0: the magnitude mask)")
-    mask_lr: float = Field(10.0, gt=0, description="step on the logits S, gradient scaled so its largest entry is 1")
-    mask_init: float = Field(3.0, gt=0, description="s0: S starts at +s0 on the top-|Δθ| entries, -s0 elsewhere")
-    mask_l1: float = Field(0.0, ge=0, description="weight of the sparsity regulariser mean σ(S)")
-    mask_batch_size: int = Field(32, ge=1)
-    eval_n: int = Field(200, ge=1, description="test prompts per skill for recovery and calibration (first of the split)")
-    n_perm: int = Field(1000, ge=10, description="permutations for the overlap-behaviour correlation's p-value")
-    seed: int = 0
+    focus_sparsity: float = Field(description="sparsity of the masks used for overlap, calibration and the graft merge")
+    finetune: LocalizeFinetuneParams
+    mask_steps: int = Field(ge=0, description="optimisation steps of the grafting mask (0: the magnitude mask)")
+    mask_lr: float = Field(gt=0, description="step on the logits S, gradient scaled so its largest entry is 1")
+    mask_init: float = Field(gt=0, description="s0: S starts at +s0 on the top-|Δθ| entries, -s0 elsewhere")
+    mask_l1: float = Field(ge=0, description="weight of the sparsity regulariser mean σ(S)")
+    mask_batch_size: int = Field(ge=1)
+    eval_n: int = Field(ge=1, description="test prompts per skill for recovery and calibration (first of the split)")
+    n_perm: int = Field(ge=10, description="permutations for the overlap-behaviour correlation's p-value")
+    seed: int
 
     @field_validator("skills")
     @classmethod
@@ -492,3 +501,40 @@ def load(sections: list[str], path: str | Path = "params.yaml", profile: str | P
 def from_notebook(**sections: Any) -> dict:
     """Validate the dicts a notebook's parameters cell holds (same schemas as the runner)."""
     return {name: validate_section(name, values, "notebook parameters") for name, values in sections.items()}
+
+
+# --------------------------------------------------------------------------- defaults
+
+REPO_PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
+
+
+def _schema_paths() -> dict[type[Section], tuple[str, ...]]:
+    """Every schema and where its values sit in params.yaml (nested ones under their field)."""
+    out: dict[type[Section], tuple[str, ...]] = {}
+
+    def walk(schema, path):
+        out.setdefault(schema, path)
+        for name, f in schema.model_fields.items():
+            ann = f.annotation
+            if isinstance(ann, type) and issubclass(ann, Section):
+                walk(ann, (*path, name))
+
+    for section, schema in SCHEMAS.items():
+        walk(schema, (section,))
+    return out
+
+
+def make(schema: type[Section], params: str | Path = REPO_PARAMS, **overrides: Any) -> Section:
+    """A ``schema`` instance with params.yaml's values, ``overrides`` merged on top (nested
+    dicts merged key by key). The schemas have no defaults of their own: params.yaml is the
+    one place a default is written, and this is how tests and benchmarks build sections."""
+    paths = _schema_paths()
+    if schema not in paths:
+        raise ParamsError(f"{schema.__name__} is not a params schema; known: {', '.join(s.__name__ for s in paths)}")
+    values: Any = read_params(params)
+    for key in paths[schema]:
+        values = values[key]
+    try:
+        return schema.model_validate(deep_merge(values, overrides))
+    except ValidationError as e:
+        raise ParamsError("; ".join(_describe(err, schema, ".".join(paths[schema])) for err in e.errors())) from None

@@ -32,6 +32,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from lib.core.stats import bootstrap_ci
+
 BASE_ADAPTER = "__base__"
 """peft's name for "no adapter" in a mixed-adapter batch."""
 
@@ -276,32 +278,6 @@ def normalize(text: str) -> str:
 def exact_match(prediction: str, reference: str) -> bool:
     """Whether ``prediction`` equals ``reference`` after :func:`normalize`."""
     return normalize(prediction) == normalize(reference)
-
-
-def bootstrap_ci(
-    correct: Sequence[float] | np.ndarray, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0
-) -> tuple[float, float, float]:
-    """``(mean, low, high)``: percentile bootstrap CI of the mean of ``correct`` (0/1 per example).
-
-    Resamples examples with replacement ``n_boot`` times from ``np.random.default_rng(seed)``
-    and takes the ``alpha/2`` and ``1 - alpha/2`` quantiles of the resampled means, so the
-    same data and seed always give the same interval.
-    """
-    x = np.asarray(correct, dtype=np.float64).ravel()
-    if x.size == 0:
-        raise ValueError("bootstrap_ci needs at least one example")
-    if not 0 < alpha < 1:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-    if n_boot < 1:
-        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
-    rng = np.random.default_rng(seed)
-    means = np.empty(n_boot)
-    chunk = max(1, 2_000_000 // x.size)  # bounds memory to ~16 MB of indices whatever n is
-    for s in range(0, n_boot, chunk):
-        k = min(chunk, n_boot - s)
-        means[s : s + k] = x[rng.integers(0, x.size, size=(k, x.size))].mean(axis=1)
-    lo, hi = np.quantile(means, [alpha / 2, 1 - alpha / 2])
-    return float(x.mean()), float(lo), float(hi)
 
 
 def _conf_correct(confidences, correct) -> tuple[np.ndarray, np.ndarray]:

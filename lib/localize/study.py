@@ -13,19 +13,19 @@ mask and graft primitives of :mod:`lib.localize.grafting`:
    first ``eval_n`` test prompts of its skill. **Recovery** of a skill = grafted accuracy /
    fine-tuned accuracy (θ_pre + Δθ, the same source) on the same prompts; the reported
    recovery at a sparsity is the **mean over skills** of that ratio (skills whose fine-tuned
-   accuracy is 0 left out), with a 95% percentile bootstrap over skills (:func:`ci_over_skills`).
+   accuracy is 0 left out), with a 95% percentile bootstrap over skills (:func:`lib.core.stats.mean_ci`).
 3. **Overlap** (:func:`overlap_table`): Jaccard |γ_i ∩ γ_j| / |γ_i ∪ γ_j| of two skills' graft
    masks at ``focus_sparsity``, against skill families and against a behavioural similarity
    (:func:`transfer_matrix`): how much of skill j's loss reduction skill i's update achieves,
    symmetrised; or expert i's accuracy on skill j from stage 03 (``plots/interference.csv``).
-   :func:`correlation` gives Spearman's ρ over skill pairs, a 95% bootstrap interval over
+   :func:`lib.core.stats.mantel_spearman` gives Spearman's ρ over skill pairs, a 95% bootstrap interval over
    pairs and a Mantel permutation p-value (skill labels permuted).
 4. **Calibration**: ECE (``lib.core.evaluation``) of each fine-tuned model and of its graft at
    ``focus_sparsity``, mean over skills.
 5. **Graft merge** (:func:`lib.localize.grafting.union_graft`): θ_pre + Σ_s γ_s ⊙ Δθ_s with overlaps
    averaged, one model for every skill, scored like stage 04's merges (normalised accuracy =
    accuracy / the source's fine-tuned accuracy per skill, mean over skills, interval from
-   :func:`lib.merge.leaderboard.macro_ci`).
+   :func:`lib.core.stats.macro_ci`).
 """
 from __future__ import annotations
 
@@ -39,7 +39,8 @@ import torch
 
 from lib.core import data
 from lib.localize import grafting as G
-from lib.core.evaluation import EvalResult, bootstrap_ci, evaluate
+from lib.core.evaluation import EvalResult, evaluate
+from lib.core.stats import mean_ci
 
 KINDS = ("graft", "magnitude", "random")
 
@@ -122,15 +123,6 @@ def concentration(delta: Mapping[str, torch.Tensor], fractions: Sequence[float])
 # --------------------------------------------------------------------------- masks and recovery
 
 
-def ci_over_skills(values: Sequence[float], n_boot: int = 1000, seed: int = 0) -> dict:
-    """{"mean", "lo", "hi", "n"}: mean of per-skill values (NaN dropped), 95% percentile bootstrap over skills."""
-    x = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=float)
-    if x.size == 0:
-        return {"mean": float("nan"), "lo": float("nan"), "hi": float("nan"), "n": 0}
-    mean, lo, hi = bootstrap_ci(x, n_boot=n_boot, seed=seed)
-    return {"mean": mean, "lo": lo, "hi": hi, "n": int(x.size)}
-
-
 def score(model, tok, test, pre, weights, E) -> EvalResult:
     """The harness on ``test`` with ``weights`` loaded into ``model``; ``pre`` is put back after."""
     G.load_weights(model, weights)
@@ -197,7 +189,7 @@ def recovery_summary(table: pd.DataFrame, n_boot: int, seed: int = 0) -> dict:
     """{source: {kind: {str(sparsity): CI over skills}}} of recovery."""
     out: dict = {}
     for (src, kind, sp), g in table.groupby(["source", "kind", "sparsity"], sort=True):
-        out.setdefault(src, {}).setdefault(kind, {})[str(float(sp))] = ci_over_skills(g["recovery"].tolist(), n_boot, seed)
+        out.setdefault(src, {}).setdefault(kind, {})[str(float(sp))] = mean_ci(g["recovery"].tolist(), n_boot, seed)
     return out
 
 
@@ -251,47 +243,6 @@ def pairs_table(jaccard: pd.DataFrame, families: Mapping[str, str], behaviours: 
             row[name] = float((B.loc[a, b] + B.loc[b, a]) / 2) if a in B.index and b in B.index else float("nan")
         rows.append(row)
     return pd.DataFrame(rows)
-
-
-def _spearman(x: np.ndarray, y: np.ndarray) -> float:
-    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
-        return float("nan")
-    return float(pd.Series(x).corr(pd.Series(y), method="spearman"))
-
-
-def correlation(jaccard: pd.DataFrame, behaviour: pd.DataFrame, n_boot: int = 1000, n_perm: int = 1000,
-                seed: int = 0) -> dict:
-    """Spearman's ρ between the pairs' Jaccard overlap and their symmetrised behavioural
-    similarity, a 95% percentile bootstrap interval over skill pairs, and a two-sided Mantel
-    p-value (skill labels of the behaviour matrix permuted, ``n_perm`` times; pairs share
-    skills, so the permutation test is the one that respects their dependence)."""
-    skills = [s for s in jaccard.index if s in behaviour.index]
-    J = jaccard.loc[skills, skills].to_numpy(float)
-    B = behaviour.loc[skills, skills].to_numpy(float)
-    B = (B + B.T) / 2
-    iu = np.triu_indices(len(skills), 1)
-    x, y = J[iu], B[iu]
-    ok = np.isfinite(x) & np.isfinite(y)
-    x, y = x[ok], y[ok]
-    r = _spearman(x, y)
-    rng = np.random.default_rng(seed)
-    boots = []
-    for _ in range(n_boot):
-        idx = rng.integers(0, len(x), len(x))
-        v = _spearman(x[idx], y[idx])
-        if np.isfinite(v):
-            boots.append(v)
-    lo, hi = (np.quantile(boots, [0.025, 0.975]) if boots else (float("nan"), float("nan")))
-    perm_hits = 0
-    for _ in range(n_perm):
-        p = rng.permutation(len(skills))
-        Bp = B[np.ix_(p, p)][iu][ok]
-        v = _spearman(x, Bp)
-        if np.isfinite(v) and np.isfinite(r) and abs(v) >= abs(r) - 1e-12:
-            perm_hits += 1
-    return {"r": r, "lo": float(lo), "hi": float(hi), "n_pairs": int(len(x)),
-            "p_permutation": (perm_hits + 1) / (n_perm + 1) if np.isfinite(r) else float("nan"),
-            "method": "spearman over skill pairs; 95% CI: bootstrap over pairs; p: Mantel permutation of skill labels"}
 
 
 def family_overlap(jaccard: pd.DataFrame, families: Mapping[str, str]) -> tuple[float, float, float]:

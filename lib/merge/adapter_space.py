@@ -54,6 +54,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from lib.merge.methods._checks import SIGN_METHODS
 from lib.merge.task_vectors import MergeError, relative_frobenius_distance, task_vectors
 
 Tensor = torch.Tensor
@@ -75,7 +76,6 @@ DENSITY_COMBINATIONS = tuple(c for c in PEFT_COMBINATIONS if c.split("_svd")[0] 
                              ("ties", "dare_linear", "dare_ties", "magnitude_prune"))
 SIGN_COMBINATIONS = tuple(c for c in PEFT_COMBINATIONS if "ties" in c)
 RANDOM_COMBINATIONS = tuple(c for c in PEFT_COMBINATIONS if c.startswith("dare"))
-SIGN_METHODS = ("total", "frequency")
 
 
 def _rank(cfg) -> int:

@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 
 from lib.core.evaluation import EvalResult, evaluate
+from lib.core.stats import macro_ci
 
 SETS = ("skills", "composed", "heldout")
 
@@ -61,29 +62,6 @@ def lora_parameters(peft_model, names: list[str]) -> int:
 
 
 # --------------------------------------------------------------------------- scoring
-
-
-def macro_ci(examples: pd.DataFrame, reference: dict[str, float] | None = None, n_boot: int = 1000,
-             alpha: float = 0.05, seed: int = 0) -> tuple[float, float, float]:
-    """Mean over skills of per-skill accuracy, divided per skill by ``reference[skill]`` when
-    given (normalised accuracy), with a percentile bootstrap CI that resamples examples
-    *within* each skill (so every replicate keeps every skill). Reference accuracies are
-    treated as fixed. Skills whose reference is 0 are left out of the normalised mean."""
-    rng = np.random.default_rng(seed)
-    per_skill, stats = [], []
-    for skill, g in examples.groupby("skill", sort=True):
-        denom = 1.0 if reference is None else reference.get(skill, np.nan)
-        if not denom or np.isnan(denom):
-            continue
-        c = g["correct"].to_numpy(dtype=float)
-        per_skill.append(c.mean() / denom)
-        idx = rng.integers(0, len(c), size=(n_boot, len(c)))
-        stats.append(c[idx].mean(axis=1) / denom)
-    if not per_skill:
-        return float("nan"), float("nan"), float("nan")
-    boot = np.mean(stats, axis=0)
-    lo, hi = np.quantile(boot, [alpha / 2, 1 - alpha / 2])
-    return float(np.mean(per_skill)), float(lo), float(hi)
 
 
 @dataclass
@@ -193,16 +171,6 @@ def choose_lambda(build: Callable[[float], Any], lam_grid: list[float], score: C
     return best[0], best[2], pd.DataFrame(curve), best[3]
 
 
-def merge_kwargs(method: str, p) -> dict:
-    """The ``merge_route`` params a ΔW merge method takes."""
-    return {"linear": {}, "task_arithmetic": {},
-            "ties": {"density": p.density, "majority_sign_method": p.majority_sign_method},
-            "dare_linear": {"density": p.density},
-            "dare_ties": {"density": p.density, "majority_sign_method": p.majority_sign_method},
-            "magnitude_prune": {"density": p.density},
-            "breadcrumbs": {"density": p.density, "beta": p.beta}}[method]
-
-
 def merge_on_validation(base, tok, tvs, method: str, p, val, ev) -> dict:
     """The ΔW merge ``method`` of every expert in ``tvs``, its summed update scaled by the λ
     from ``p.lam_grid`` with the best validation accuracy (``linear``, the plain average,
@@ -211,7 +179,7 @@ def merge_on_validation(base, tok, tvs, method: str, p, val, ev) -> dict:
 
     def build(lam):
         weights = None if method == "linear" else [lam] * len(tvs)
-        merged = M.merge_task_vectors(tvs, method, weights=weights, seed=p.seed, **merge_kwargs(method, p))
+        merged = M.merge_task_vectors(tvs, method, weights=weights, seed=p.seed, **M.method_kwargs(method, p))
         return M.apply_merged(base, merged), merged
 
     grid = [1.0] if method == "linear" else p.lam_grid
@@ -306,7 +274,7 @@ def peft_merge_on_validation(peft_model, tok, tvs, names: list[str], ctype: str,
 
     lam, keep, curve, build_s = choose_lambda(build, grid, score, discard=peft_model.delete_adapter)
     exact_method = PEFT_EXACT[ctype]
-    exact = M.merge_task_vectors(tvs, exact_method, weights=[lam] * len(names), seed=p.seed, **merge_kwargs(exact_method, p))
+    exact = M.merge_task_vectors(tvs, exact_method, weights=[lam] * len(names), seed=p.seed, **M.method_kwargs(exact_method, p))
     return {"type": ctype, "adapter": keep, "lam": lam, "build_s": build_s, "exact_counterpart": exact_method,
             "distance_to_exact": AS.distance_to_exact(peft_model, keep, exact),
             "val_curve": dict(zip(curve.lam.astype(float), curve.val_accuracy))}

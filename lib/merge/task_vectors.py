@@ -30,28 +30,24 @@ Conventions
   other method uses them as given (peft's semantics), so pass weights summing to 1 to
   average rather than add.
 * Deltas are float32 on the device of the adapter weights; merges return the promoted dtype.
+
+The methods themselves are one file each in ``lib/merge/methods/``, registered by name.
 """
 from __future__ import annotations
 
 import copy
 import inspect
 import math
-import warnings
 from pathlib import Path
-from typing import Callable, Literal, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
-from peft.utils import merge_utils as mu
+
+from lib.merge.methods import MERGE_METHODS
+from lib.merge.methods._checks import MergeError
 
 Tensor = torch.Tensor
 TaskVectors = dict[str, dict[str, Tensor]]  # adapter name -> module name -> ΔW
-
-SignMethod = Literal["total", "frequency"]
-SIGN_METHODS = ("total", "frequency")
-
-
-class MergeError(ValueError):
-    """Inputs a merge cannot use (no experts, mismatched shapes, bad density...); the message says which."""
 
 
 # --------------------------------------------------------------------------------------
@@ -134,211 +130,11 @@ def task_vectors(model, adapters: Sequence[str] | Mapping[str, str | Path] | Non
     return out
 
 
-# --------------------------------------------------------------------------------------
-# Input checks shared by the methods
-# --------------------------------------------------------------------------------------
-
-def _check(deltas: Sequence[Tensor], weights, method: str) -> tuple[list[Tensor], Tensor]:
-    """Validated list of same-shape tensors (promoted to one dtype) and a weights tensor."""
-    deltas = list(deltas)
-    if not deltas:
-        raise MergeError(f"{method}: no task vectors to merge (empty list); give at least one expert's ΔW")
-    shapes = [tuple(d.shape) for d in deltas]
-    if len(set(shapes)) > 1:
-        raise MergeError(f"{method}: task vectors must all have one shape; got shapes {shapes}")
-    devices = {d.device for d in deltas}
-    if len(devices) > 1:
-        raise MergeError(f"{method}: task vectors are on different devices {sorted(map(str, devices))}")
-    dtype = deltas[0].dtype
-    for d in deltas[1:]:
-        dtype = torch.promote_types(dtype, d.dtype)
-    if not dtype.is_floating_point:
-        dtype = torch.float32
-    deltas = [d.to(dtype) for d in deltas]
-    if weights is None:
-        w = torch.ones(len(deltas), dtype=dtype, device=deltas[0].device)
-    else:
-        w = torch.as_tensor(weights, dtype=dtype, device=deltas[0].device).reshape(-1)
-        if w.numel() != len(deltas):
-            raise MergeError(f"{method}: {w.numel()} weights for {len(deltas)} task vectors")
-        if not torch.isfinite(w).all():
-            raise MergeError(f"{method}: weights must be finite, got {w.tolist()}")
-    return deltas, w
-
-
-def _check_density(density: float, method: str) -> float:
-    if density is None or not (0.0 <= float(density) <= 1.0) or math.isnan(float(density)):
-        raise MergeError(f"{method}: density is the fraction of entries kept and must be in [0, 1], got {density!r}")
-    return float(density)
-
-
-def _check_sign_method(m: str, method: str) -> str:
-    if m not in SIGN_METHODS:
-        raise MergeError(f"{method}: majority_sign_method must be one of {SIGN_METHODS}, got {m!r}")
-    return m
-
-
-def _n_kept(fraction: float, n: int) -> int:
-    """floor(fraction · n), forgiving float noise such as 0.29 · 100 = 28.999999999999996
-    (peft's ``int(density * numel)`` keeps 28 there; only breadcrumbs uses this rounding)."""
-    return min(n, int(math.floor(fraction * n + 1e-9)))
-
-
-class _quiet_full_density(warnings.catch_warnings):
-    """peft's ``prune`` warns once per tensor when density >= 1 (no pruning); density 1 is legal here."""
-
-    def __enter__(self):
-        out = super().__enter__()
-        warnings.filterwarnings("ignore", message=r"The density .* greater than or equal to 1")
-        return out
-
-
-# --------------------------------------------------------------------------------------
-# Merge methods: one small function each, over a list of ΔW (one per expert, same shape)
-# --------------------------------------------------------------------------------------
-
-def linear(deltas: Sequence[Tensor], weights=None) -> Tensor:
-    """Weighted average ``Σ_i w_i ΔW_i / Σ_i w_i`` (equal weights: the plain mean).
-
-    peft's ``merge_utils.task_arithmetic`` with the normalised weights. Note that peft's
-    ``add_weighted_adapter(combination_type="linear")`` does *not* normalise the weights.
-    """
-    deltas, w = _check(deltas, weights, "linear")
-    total = w.sum()
-    if total == 0:
-        raise MergeError(f"linear: weights sum to 0 ({w.tolist()}); a weighted average is undefined")
-    return mu.task_arithmetic(deltas, w / total)
-
-
-def task_arithmetic(deltas: Sequence[Tensor], weights=None, *, lam: float = 1.0) -> Tensor:
-    """Task arithmetic (Ilharco et al. 2023, "Editing models with task arithmetic"):
-    ``λ · Σ_i w_i ΔW_i`` (weights default to 1). peft's ``merge_utils.task_arithmetic``."""
-    deltas, w = _check(deltas, weights, "task_arithmetic")
-    return mu.task_arithmetic(deltas, w * float(lam))
-
-
-def ties(deltas: Sequence[Tensor], weights=None, *, density: float,
-         majority_sign_method: SignMethod = "total") -> Tensor:
-    """TIES-Merging (Yadav et al. 2023, "TIES-Merging: Resolving interference when merging models").
-
-    1. Trim: keep each ΔW_i's top ``density`` fraction of entries by magnitude (``τ̂_i``).
-    2. Elect sign per entry: ``γ = sgn(Σ_i τ̂_i)`` (``"total"``, the paper's rule) or the sign
-       held by more experts (``"frequency"``); a tie (sum 0) elects ``+``.
-    3. Disjoint mean per entry over the experts whose trimmed entry has sign ``γ``:
-       ``Σ_{i: sgn τ̂_i = γ} w_i τ̂_i / |{i: sgn τ̂_i = γ}|``; zero agreeing experts gives 0
-       (trimmed zeros have sign 0 and never agree).
-
-    All three steps are peft's ``merge_utils.ties`` (prune, calculate_majority_sign_mask,
-    disjoint_merge). In peft the sign is elected from the *unweighted* trimmed tensors, and
-    the weights scale the values inside the disjoint mean (the paper's λ is a common weight).
-    ``density = 0`` trims everything and gives a zero update; one expert gives its trimmed self.
-    """
-    deltas, w = _check(deltas, weights, "ties")
-    density = _check_density(density, "ties")
-    with _quiet_full_density():
-        return mu.ties(deltas, w, density, _check_sign_method(majority_sign_method, "ties"))
-
-
-def _dare_zero(deltas: list[Tensor]) -> Tensor:
-    return torch.zeros_like(deltas[0])
-
-
-def dare_linear(deltas: Sequence[Tensor], weights=None, *, density: float) -> Tensor:
-    """DARE (Yu et al. 2023, "Language models are Super Mario"), then a weighted sum.
-
-    Drop: each entry of each ΔW_i is kept with probability ``density = 1 - p`` (Bernoulli) and
-    the kept ones are rescaled by ``1 / (1 - p)``, so ``E[DARE(ΔW)] = ΔW``. Then
-    ``Σ_i w_i DARE(ΔW_i)``. peft's ``merge_utils.dare_linear`` (``random_pruning`` draws from
-    torch's global RNG: seed it, or use :func:`merge_task_vectors` with ``seed``).
-    Hand-written guard: ``density = 0`` drops everything and returns zeros (peft would
-    compute ``0 / 0 = NaN``).
-    """
-    deltas, w = _check(deltas, weights, "dare_linear")
-    density = _check_density(density, "dare_linear")
-    if density == 0:
-        return _dare_zero(deltas)
-    with _quiet_full_density():
-        return mu.dare_linear(deltas, w, density)
-
-
-def dare_ties(deltas: Sequence[Tensor], weights=None, *, density: float,
-              majority_sign_method: SignMethod = "total") -> Tensor:
-    """DARE's random drop and ``1 / (1 - p)`` rescale (Yu et al. 2023) in place of TIES' trim,
-    then TIES' sign election and disjoint mean (Yadav et al. 2023). peft's
-    ``merge_utils.dare_ties``; ``density = 0`` returns zeros (hand-written guard, peft gives NaN)."""
-    deltas, w = _check(deltas, weights, "dare_ties")
-    density = _check_density(density, "dare_ties")
-    if density == 0:
-        return _dare_zero(deltas)
-    with _quiet_full_density():
-        return mu.dare_ties(deltas, w, density, _check_sign_method(majority_sign_method, "dare_ties"))
-
-
-def magnitude_prune(deltas: Sequence[Tensor], weights=None, *, density: float) -> Tensor:
-    """Keep each ΔW_i's top ``density`` fraction by magnitude (TIES' trim step alone, no sign
-    election), then ``Σ_i w_i prune(ΔW_i)``. peft's ``merge_utils.magnitude_prune``."""
-    deltas, w = _check(deltas, weights, "magnitude_prune")
-    density = _check_density(density, "magnitude_prune")
-    with _quiet_full_density():
-        return mu.magnitude_prune(deltas, w, density)
-
-
-def breadcrumbs_mask(delta: Tensor, *, density: float, beta: float) -> Tensor:
-    """Boolean mask of Model Breadcrumbs (Davari & Belilovsky 2023, "Model Breadcrumbs: scaling
-    multi-task model merging with sparse masks"): rank the entries by magnitude, drop the
-    largest ``floor(beta · n)`` (outliers) and keep the next ``floor(density · n)``, so the
-    smallest ``n - top - kept`` are dropped too. Equal magnitudes are ranked by position.
-    Hand-written (peft has no breadcrumbs); needs ``beta + density <= 1``."""
-    density = _check_density(density, "breadcrumbs")
-    if beta is None or not (0.0 <= float(beta) <= 1.0):
-        raise MergeError(f"breadcrumbs: beta is the fraction of largest entries dropped and must be in [0, 1], got {beta!r}")
-    if float(beta) + density > 1.0 + 1e-9:
-        raise MergeError(f"breadcrumbs: beta + density must be <= 1 (drop the top beta, keep the next density); "
-                         f"got beta={beta}, density={density}")
-    flat = delta.reshape(-1)
-    n = flat.numel()
-    n_top, n_keep = _n_kept(float(beta), n), _n_kept(density, n)
-    n_keep = min(n_keep, n - n_top)
-    order = torch.sort(flat.abs(), descending=True, stable=True).indices
-    mask = torch.zeros(n, dtype=torch.bool, device=delta.device)
-    mask[order[n_top:n_top + n_keep]] = True
-    return mask.reshape(delta.shape)
-
-
-def breadcrumbs(deltas: Sequence[Tensor], weights=None, *, density: float, beta: float) -> Tensor:
-    """Model Breadcrumbs (Davari & Belilovsky 2023): per expert and module, mask out the largest
-    ``beta`` fraction by magnitude and the smallest so that ``density`` remain
-    (:func:`breadcrumbs_mask`, hand-written), then ``Σ_i w_i (m_i ⊙ ΔW_i)`` (peft's
-    ``merge_utils.task_arithmetic``; the paper's α is a common weight)."""
-    deltas, w = _check(deltas, weights, "breadcrumbs")
-    masked = [d * breadcrumbs_mask(d, density=density, beta=beta) for d in deltas]
-    return mu.task_arithmetic(masked, w)
-
-
-MERGE_METHODS: dict[str, Callable[..., Tensor]] = {
-    "linear": linear,
-    "task_arithmetic": task_arithmetic,
-    "ties": ties,
-    "dare_linear": dare_linear,
-    "dare_ties": dare_ties,
-    "magnitude_prune": magnitude_prune,
-    "breadcrumbs": breadcrumbs,
-}
-
-RANDOM_METHODS = frozenset({"dare_linear", "dare_ties"})
-
-
-def get_merge_method(name: str) -> Callable[..., Tensor]:
-    try:
-        return MERGE_METHODS[name]
-    except KeyError:
-        raise KeyError(f"unknown merge method {name!r}; known merge methods: {', '.join(sorted(MERGE_METHODS))}") from None
-
-
-def method_params(name: str) -> dict[str, object]:
-    """Keyword parameters of a merge method -> default (``inspect.Parameter.empty`` if required)."""
-    sig = inspect.signature(get_merge_method(name))
-    return {p.name: p.default for p in sig.parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+def method_kwargs(method: str, section) -> dict:
+    """The values of a params section (``merge_route``, ``continual.library``) for the keyword
+    parameters ``method`` takes, by name (``density``, ``beta``, ``majority_sign_method``)."""
+    fields = getattr(type(section), "model_fields", {})
+    return {k: getattr(section, k) for k in MERGE_METHODS.get(method).params if k in fields}
 
 
 def merge_task_vectors(tvs: Mapping[str, Mapping[str, Tensor]], method: str,
@@ -353,8 +149,8 @@ def merge_task_vectors(tvs: Mapping[str, Mapping[str, Tensor]], method: str,
     random methods, ``seed`` seeds torch's RNG once for the whole merge (modules visited in
     sorted order), inside ``torch.random.fork_rng`` so the caller's RNG state is unchanged.
     """
-    fn = get_merge_method(method)
-    allowed = method_params(method)
+    entry = MERGE_METHODS.get(method)
+    fn, allowed = entry.obj, entry.params
     unknown = sorted(set(params) - set(allowed))
     if unknown:
         raise MergeError(f"{method}: unknown parameter(s) {unknown}; it takes: {sorted(allowed) or 'none'}")
@@ -385,7 +181,7 @@ def merge_task_vectors(tvs: Mapping[str, Mapping[str, Tensor]], method: str,
                 raise MergeError(f"module {m}: {err}") from None
         return out
 
-    if seed is None or method not in RANDOM_METHODS:
+    if seed is None or not entry.random:
         return run()
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
@@ -489,10 +285,3 @@ def relative_frobenius_distance(a: Tensor | Mapping[str, Tensor], b: Tensor | Ma
     if den == 0.0:
         return 0.0 if num == 0.0 else math.inf
     return math.sqrt(num) / math.sqrt(den)
-
-
-__all__ = [
-    "MERGE_METHODS", "MergeError", "RANDOM_METHODS", "apply_merged", "breadcrumbs", "breadcrumbs_mask", "dare_linear",
-    "dare_ties", "get_merge_method", "linear", "magnitude_prune", "merge_task_vectors", "merged_lora_model",
-    "method_params", "refactor_to_lora", "relative_frobenius_distance", "task_arithmetic", "task_vectors", "ties",
-]

@@ -54,6 +54,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from lib.core.stats import bootstrap_ci
 from lib.core.evaluation import BASE_ADAPTER, _check_adapter_names, _device, _eos_ids, _is_peft, _left_pad
 
 Tensor = torch.Tensor
@@ -314,7 +315,8 @@ class TaskRouter:
 
 def confusion_matrix(true: Sequence[str], predicted: Sequence[str], names: Sequence[str]) -> pd.DataFrame:
     """Counts with rows = true class, columns = predicted class, both in ``names`` order
-    (index named ``true``, columns ``predicted``). A label outside ``names`` is a ValueError."""
+    (``pandas.crosstab``; index named ``true``, columns ``predicted``). A label outside
+    ``names`` is a ValueError."""
     names = _check_names(names)
     true, predicted = [str(x) for x in true], [str(x) for x in predicted]
     if len(true) != len(predicted):
@@ -322,11 +324,10 @@ def confusion_matrix(true: Sequence[str], predicted: Sequence[str], names: Seque
     unknown = sorted((set(true) | set(predicted)) - set(names))
     if unknown:
         raise ValueError(f"label(s) {unknown} not in names {names}")
-    index = {n: i for i, n in enumerate(names)}
-    counts = np.zeros((len(names), len(names)), dtype=np.int64)
-    for t, p in zip(true, predicted):
-        counts[index[t], index[p]] += 1
-    return pd.DataFrame(counts, index=pd.Index(names, name="true"), columns=pd.Index(names, name="predicted"))
+    cats = pd.CategoricalDtype(names)
+    table = pd.crosstab(pd.Series(true, dtype=cats, name="true"), pd.Series(predicted, dtype=cats, name="predicted"),
+                        dropna=False)
+    return table.reindex(index=names, columns=names, fill_value=0).astype(np.int64)
 
 
 def family_mass(proba: np.ndarray, true: Sequence[str], names: Sequence[str], family: dict[str, str],
@@ -353,11 +354,8 @@ def family_mass(proba: np.ndarray, true: Sequence[str], names: Sequence[str], fa
         wrong = row.sum() - row[index[t]]
         chances.append(len(same) / len(others))
         shares.append(row[same].sum() / wrong if wrong > 0 else chances[-1])
-    shares = np.asarray(shares)
-    rng = np.random.default_rng(seed)
-    boots = shares[rng.integers(0, len(shares), size=(n_boot, len(shares)))].mean(axis=1)
-    return {"mean": float(shares.mean()), "lo": float(np.percentile(boots, 2.5)),
-            "hi": float(np.percentile(boots, 97.5)), "n": len(shares), "chance": float(np.mean(chances))}
+    mean, lo, hi = bootstrap_ci(shares, n_boot=n_boot, seed=seed)
+    return {"mean": mean, "lo": lo, "hi": hi, "n": len(shares), "chance": float(np.mean(chances))}
 
 
 # --------------------------------------------------------------------------- soft mixture

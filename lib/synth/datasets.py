@@ -15,7 +15,7 @@ from datasets import Dataset, DatasetDict
 
 from lib import skills as skill_lib
 from lib.core.config import SkillsParams, SynthesizeParams
-from lib.core.data import COLUMNS, SPLITS, DataError, load, save, verify  # noqa: F401  (re-exported for stage 01)
+from lib.core.data import DataError, save
 from lib.skills import compose
 
 
