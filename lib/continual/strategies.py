@@ -1,7 +1,7 @@
 """Stage 05 strategies: the registry ``STRATEGIES`` (name in ``continual.strategies`` -> function).
 
 Every strategy function takes ``(study, order_name, skills, seed)`` and returns a
-:class:`lib.continual.study.RunResult`. Definitions of the measurements are in ``lib/continual/study.py``,
+:class:`lib.continual.runs.RunResult`. Definitions of the measurements are in ``lib/continual/study.py``,
 the training recipe and the penalties in ``lib/continual/loop.py``.
 
 * ``sequential_lora``: one LoRA (the experts' recipe), trained on task 1, continued on task 2, ...
@@ -41,7 +41,7 @@ import torch
 
 from lib.continual import loop as CT
 from lib.core import data
-from lib.continual.study import RunResult
+from lib.continual.runs import RunResult
 from lib.core.evaluation import evaluate
 from lib.core.training import count_parameters
 

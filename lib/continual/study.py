@@ -59,7 +59,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +66,8 @@ import numpy as np
 import pandas as pd
 
 from lib.core import config
+from lib.continual.runs import RunResult
+from lib.continual.strategies import Study
 from lib.core.stats import t_interval
 from lib import skills as skill_lib
 
@@ -197,27 +198,6 @@ def build_orders(c) -> dict[str, list[str]]:
     return {name: build_order(name, c.tasks) for name in c.orders}
 
 
-# --------------------------------------------------------------------------- results
-
-
-@dataclass
-class RunResult:
-    """One strategy on one order with one seed. ``R``: (T + 1) × T accuracy matrix, columns
-    in the order's task order. ``curve``: global ``step, task, skill, accuracy`` probe points
-    (empty for strategies without a curve)."""
-
-    strategy: str
-    order: str
-    seed: int
-    skills: list[str]
-    R: np.ndarray
-    curve: pd.DataFrame
-    trainable_params: int
-    params_held: int
-    wall_s: float
-    info: dict[str, Any] = field(default_factory=dict)
-
-
 def check_params(skills, c, root: str | Path = ".") -> None:
     """Cross-section checks the schemas cannot make: every task is a training skill with a
     dataset, and the library strategies have their stage-03 experts."""
@@ -243,7 +223,6 @@ def _run_seed(root: str, params: dict, orders: dict[str, list[str]], seed: int, 
     import torch
 
     from lib.core import io
-    from lib.continual.strategies import Study
 
     io.quiet_notebook()  # a worker's library chatter would land in the executed notebook
     before = torch.get_num_threads()

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lib import skills as skill_lib
+from lib.core import registry
 
 
 class ParamsError(ValueError):
@@ -164,16 +165,11 @@ class EvalParams(Section):
 
 
 def _merge_methods(names: list[str]) -> list[str]:
-    # Imported here: the registry loads the method files (torch) only when a section names them.
-    from lib.merge.methods import MERGE_METHODS
-
-    return MERGE_METHODS.check(names)
+    return registry.resolve("lib.merge.methods:MERGE_METHODS").check(names)
 
 
 def _peft_combinations(names: list[str]) -> list[str]:
-    from lib.merge.adapter_space import PEFT_COMBINATIONS
-
-    return _known_names("peft combination type", names, PEFT_COMBINATIONS)
+    return _known_names("peft combination type", names, registry.resolve("lib.merge.adapter_space:PEFT_COMBINATIONS"))
 
 
 # Routers: still a tuple until they get their registry.

@@ -134,3 +134,14 @@ class Registry:
         if len(set(names)) != len(names):
             raise ValueError(f"a {self.kind} is listed twice: {names}")
         return names
+
+
+def resolve(path: str) -> Any:
+    """The object at ``"package.module:attribute"``, imported on demand.
+
+    The params schemas check method names with it: they name a family's registry by its
+    path instead of importing it, so validating params.yaml neither imports the methods'
+    code (torch, peft) nor makes every stage depend on every method family.
+    """
+    module, _, attr = path.partition(":")
+    return getattr(importlib.import_module(module), attr)
