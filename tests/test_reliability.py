@@ -46,8 +46,8 @@ _set = set_dotted
 
 
 def _default(section: str, field: str):
-    f = config.SCHEMAS[section].model_fields[field]
-    return f.default_factory() if f.default_factory else f.default
+    """params.yaml's value: the schemas have no defaults of their own."""
+    return config.read_params(config.REPO_PARAMS)[section][field]
 
 
 def _needs(section: str):
