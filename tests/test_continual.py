@@ -15,6 +15,7 @@ from lib.core.config import make as make_params
 from lib.core.stats import t_interval
 from lib.core import config
 from lib.continual import loop as CT, study as C
+from lib.core import sft_data
 
 # --------------------------------------------------------------------------- accuracy-matrix metrics
 
@@ -153,11 +154,11 @@ def tiny(one_thread):
 
 def test_rows_are_tokenized_as_trl_does_and_the_loss_is_on_the_answer(tiny):
     tok, _ = tiny
-    (ids, n_prompt), = CT.encode_rows(tok, ["inc 12 ="], ["13"], max_length=64)
+    (ids, n_prompt), = sft_data.encode(tok, ["inc 12 ="], ["13"], max_length=64)
     assert list(ids) == tok("inc 12 = 13" + tok.eos_token)["input_ids"]
     assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
     assert n_prompt == len("inc 12 =") + 1  # BOS + the prompt's characters
-    batch = CT.collate([(ids, n_prompt), (ids[:5], 3)], tok.pad_token_id)
+    batch = sft_data.collate([(ids, n_prompt), (ids[:5], 3)], tok.pad_token_id)
     assert batch["labels"][0].tolist() == [-100] * n_prompt + list(ids[n_prompt:])
     assert batch["labels"][1].tolist() == [-100] * 3 + list(ids[3:5]) + [-100] * (len(ids) - 5)
     assert batch["attention_mask"][1].sum() == 5
@@ -170,11 +171,11 @@ def test_fisher_is_the_mean_squared_gradient(tiny):
         for n, p in peft_model.named_parameters():
             if "lora_B" in n:
                 p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.3)
-    rows = CT.encode_rows(tok, ["inc 12 =", "dec 40 =", "upper ab ="], ["13", "39", "AB"], 64)
+    rows = sft_data.encode(tok, ["inc 12 =", "dec 40 =", "upper ab ="], ["13", "39", "AB"], 64)
     params = CT.trainable(peft_model)
     grads = []
     for r in rows:
-        loss = peft_model(**CT.collate([r], tok.pad_token_id)).loss
+        loss = peft_model(**sft_data.collate([r], tok.pad_token_id)).loss
         grads.append(torch.autograd.grad(loss, list(params.values())))
     want = {n: torch.stack([g[i] ** 2 for g in grads]).mean(0) for i, n in enumerate(params)}
     got = CT.fisher_diagonal(peft_model, rows, tok.pad_token_id, batch_size=1)
@@ -182,7 +183,7 @@ def test_fisher_is_the_mean_squared_gradient(tiny):
     for n in params:
         torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-10)
     # batch_size = 3: the square of the whole batch's gradient (one batch).
-    loss = peft_model(**CT.collate(rows, tok.pad_token_id)).loss
+    loss = peft_model(**sft_data.collate(rows, tok.pad_token_id)).loss
     batch_grads = torch.autograd.grad(loss, list(params.values()))
     got3 = CT.fisher_diagonal(peft_model, rows, tok.pad_token_id, batch_size=3)
     for i, n in enumerate(params):

@@ -13,6 +13,7 @@ import torch
 from conftest import peaked_tiny_llama, smoke_params
 from lib.core import config
 from lib.core.stats import mantel_spearman, mean_ci
+from lib.core import sft_data
 from lib.localize import grafting as G, study as LZ
 from lib.localize.finetune import considered_names
 from lib.core.tokenization import build_char_tokenizer
@@ -135,14 +136,14 @@ def tiny():
     names = considered_names(model, TARGETS)
     pre = G.weights_of(model, names)
     prompts = [f"rev {a}{b} =" for a in "abcd" for b in "efgh"]
-    ex = G.sft_examples(tok, prompts, [p[5] + p[4] for p in prompts])
-    batch = G.collate(ex, tok.pad_token_id)
+    ex = sft_data.encode(tok, prompts, [p[5] + p[4] for p in prompts])
+    batch = sft_data.collate(ex, tok.pad_token_id)
     params = dict(model.named_parameters())
     torch.manual_seed(0)
     opt = torch.optim.Adam([params[n] for n in names], lr=3e-3)
     for _ in range(30):
         opt.zero_grad()
-        G.completion_loss(model, batch).backward()
+        sft_data.completion_loss(model, batch).backward()
         opt.step()
     delta = G.delta_of(pre, G.weights_of(model, names))
     G.load_weights(model, pre)
@@ -161,16 +162,16 @@ def test_considered_parameters_are_the_blocks_linear_weights(tiny):
 
 def test_completion_loss_equals_the_models_own_loss_on_answer_tokens(tiny):
     model, tok, *_, ex = tiny
-    batch = G.collate(ex[:5], tok.pad_token_id)
+    batch = sft_data.collate(ex[:5], tok.pad_token_id)
     assert (batch["labels"][:, 0] == -100).all()                     # prompt positions are not scored
-    ours = G.completion_loss(model, batch)
+    ours = sft_data.completion_loss(model, batch)
     theirs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
     close(ours.detach(), float(theirs.detach()), rtol=1e-5, atol=1e-6)
 
 
 def test_full_mask_graft_equals_finetuned_and_empty_mask_equals_base(tiny):
     model, tok, names, pre, delta, ex = tiny
-    batch = G.collate(ex[:8], tok.pad_token_id)
+    batch = sft_data.collate(ex[:8], tok.pad_token_id)
     ft_weights = {n: pre[n] + delta[n] for n in names}
     with torch.no_grad():
         G.load_weights(model, ft_weights)
@@ -193,15 +194,15 @@ def test_full_mask_graft_equals_finetuned_and_empty_mask_equals_base(tiny):
 
 def test_relaxed_mask_gradient_is_the_chain_rule_formula(tiny):
     model, tok, names, pre, delta, ex = tiny
-    batch = G.collate(ex[:8], tok.pad_token_id)
+    batch = sft_data.collate(ex[:8], tok.pad_token_id)
     S = {n: torch.randn(d.shape, generator=torch.Generator().manual_seed(i)).requires_grad_(True)
          for i, (n, d) in enumerate(delta.items())}
     theta = {n: (pre[n] + torch.sigmoid(S[n].detach()) * delta[n]).requires_grad_(True) for n in names}
     for p in model.parameters():
         p.requires_grad_(False)
     try:
-        G.completion_loss(model, batch, theta).backward()                        # ∂L/∂θ at θ = θ_pre + σ(S) ⊙ Δθ
-        G.completion_loss(model, batch, G.relaxed(pre, delta, S)).backward()     # ∂L/∂S by autograd
+        sft_data.completion_loss(model, batch, theta).backward()                        # ∂L/∂θ at θ = θ_pre + σ(S) ⊙ Δθ
+        sft_data.completion_loss(model, batch, G.relaxed(pre, delta, S)).backward()     # ∂L/∂S by autograd
     finally:
         for p in model.parameters():
             p.requires_grad_(True)
@@ -220,7 +221,7 @@ def test_mask_optimisation_lowers_the_loss_and_keeps_the_sparsity(tiny):
                                    steps=30, lr=8.0, s0=3.0)
     assert count(mask) == G.n_keep(sp, G.numel(delta))
     assert losses[-1] < losses[0]                               # the relaxed objective went down
-    loss = lambda m: G.mean_loss(model, ex, tok.pad_token_id, G.graft(pre, delta, m))  # noqa: E731
+    loss = lambda m: sft_data.mean_loss(model, sft_data.make_batches(ex, 128, tok.pad_token_id), G.graft(pre, delta, m))  # noqa: E731
     assert loss(mask) < loss(start) - 0.05                      # and so did the rounded graft's loss
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())   # base weights untouched
     zero, _ = G.optimise_mask(model, pre, delta, G.batches(ex, 8, tok.pad_token_id, seed=0), sp, steps=0, lr=8.0)

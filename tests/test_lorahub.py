@@ -10,6 +10,7 @@ import torch
 
 from conftest import peaked_tiny_llama
 
+from lib.core import sft_data
 from lib.route import lorahub as H
 from lib.merge import task_vectors as M
 from lib.core.evaluation import generate
@@ -107,8 +108,8 @@ def test_compose_matches_the_loss_fn(setup):
     base, tok, tvs, examples = setup
     w = {"skill_a": 1.1, "skill_b": 0.2}
     model = H.compose(base, tvs, w)
-    batches = H.make_batches(H.encode_examples(tok, examples), 4, tok.pad_token_id)
-    assert H.answer_loss(model, batches) == pytest.approx(H.make_loss_fn(base, tok, tvs, examples)(list(w.values())),
+    batches = sft_data.make_batches(H.encode_examples(tok, examples), 4, tok.pad_token_id)
+    assert sft_data.mean_loss(model, batches) == pytest.approx(H.make_loss_fn(base, tok, tvs, examples)(list(w.values())),
                                                           rel=1e-5)
 
 

@@ -50,8 +50,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-Encoded = tuple[tuple[int, ...], int]
-"""One training row: (token ids of prompt + completion + eos, number of prompt tokens)."""
+from lib.core.sft_data import Encoded, collate
 
 
 def stable_seed(*parts: object) -> int:
@@ -60,41 +59,6 @@ def stable_seed(*parts: object) -> int:
 
 
 # --------------------------------------------------------------------------- data
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def encode_rows(tok, prompts: Sequence[str], answers: Sequence[str], max_length: int) -> list[Encoded]:
-    """trl's prompt/completion tokenization: completion ``" " + answer + eos``, the prompt part
-    being the common prefix of the tokenized prompt and prompt + completion."""
-    prompts, answers = list(prompts), list(answers)
-    if len(prompts) != len(answers):
-        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
-    p_ids = tok(prompts)["input_ids"]
-    full = tok([p + " " + str(a) + tok.eos_token for p, a in zip(prompts, answers)])["input_ids"]
-    return [(tuple(f[:max_length]), min(_common_prefix(p, f), max_length)) for p, f in zip(p_ids, full)]
-
-
-def collate(rows: Sequence[Encoded], pad_id: int, device=None) -> dict[str, torch.Tensor]:
-    """Right-padded ``input_ids, attention_mask, labels`` (labels -100 on prompt and padding)."""
-    width = max(len(ids) for ids, _ in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    for r, (seq, n_prompt) in enumerate(rows):
-        t = torch.tensor(seq, dtype=torch.long)
-        ids[r, : len(seq)] = t
-        mask[r, : len(seq)] = 1
-        labels[r, n_prompt : len(seq)] = t[n_prompt:]
-    out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    return {k: v.to(device) for k, v in out.items()} if device is not None else out
 
 
 class MixedBatches:

@@ -42,6 +42,7 @@ import torch
 from lib.continual import loop as CT
 from lib.core import data
 from lib.continual.runs import RunResult
+from lib.core.sft_data import encode
 from lib.core.evaluation import evaluate
 from lib.core.training import count_parameters
 
@@ -79,7 +80,7 @@ class Study:
         self.tasks = list(c.tasks)
         sets = {t: data.load(self.root / "datasets" / "skills" / t, ("train", "validation", "test")) for t in self.tasks}
         self.train = {t: sets[t]["train"] for t in self.tasks}
-        self.rows = {t: CT.encode_rows(self.tok, ds["prompt"], ds["answer"], e.max_length) for t, ds in self.train.items()}
+        self.rows = {t: encode(self.tok, ds["prompt"], ds["answer"], e.max_length) for t, ds in self.train.items()}
         self.test = pd.concat([sets[t]["test"].to_pandas() for t in self.tasks], ignore_index=True)
         self.probe = pd.concat([sets[t]["test"].to_pandas().head(c.eval_n) for t in self.tasks], ignore_index=True)
         self.val = pd.concat([sets[t]["validation"].to_pandas().head(c.eval_n) for t in self.tasks], ignore_index=True)

@@ -32,6 +32,8 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
+from lib.core.sft_data import collate, completion_loss
+
 Tensor = torch.Tensor
 Params = dict[str, Tensor]   # parameter name -> tensor
 Mask = dict[str, Tensor]     # parameter name -> bool tensor of the parameter's shape
@@ -166,30 +168,6 @@ def delta_of(pre: Mapping[str, Tensor], ft: Mapping[str, Tensor]) -> Params:
 # --------------------------------------------------------------------------- data and loss
 
 
-def sft_examples(tok, prompts: Sequence[str], answers: Sequence[str], max_length: int = 64) -> list[tuple[list[int], int]]:
-    """Token ids of ``prompt`` (with the tokenizer's special tokens, BOS for the scratch
-    tokenizer) + ``" " + answer`` + EOS, and where the completion starts."""
-    if tok.eos_token_id is None:
-        raise GraftError("the tokenizer has no EOS token")
-    p_ids = tok(list(prompts))["input_ids"]
-    a_ids = tok([" " + str(a) for a in answers], add_special_tokens=False)["input_ids"]
-    return [((p + a + [tok.eos_token_id])[:max_length], len(p)) for p, a in zip(p_ids, a_ids)]
-
-
-def collate(examples: Sequence[tuple[list[int], int]], pad_id: int, device=None) -> dict[str, Tensor]:
-    """Right-padded batch; labels are -100 on the prompt and the padding (completion-only loss)."""
-    width = max(len(ids) for ids, _ in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    att = torch.zeros_like(ids)
-    labels = torch.full_like(ids, -100)
-    for r, (x, start) in enumerate(examples):
-        ids[r, :len(x)] = torch.tensor(x)
-        att[r, :len(x)] = 1
-        labels[r, start:len(x)] = torch.tensor(x[start:])
-    out = {"input_ids": ids, "attention_mask": att, "labels": labels}
-    return {k: v.to(device) for k, v in out.items()} if device is not None else out
-
-
 def batches(examples: Sequence, batch_size: int, pad_id: int, seed: int, device=None) -> Iterator[dict[str, Tensor]]:
     """Endless shuffled batches (reshuffled every epoch from ``random.Random(seed)``)."""
     rng = random.Random(seed)
@@ -198,34 +176,6 @@ def batches(examples: Sequence, batch_size: int, pad_id: int, seed: int, device=
         rng.shuffle(idx)
         for s in range(0, len(idx) - batch_size + 1 if len(idx) >= batch_size else 1, batch_size):
             yield collate([examples[i] for i in idx[s:s + batch_size]], pad_id, device)
-
-
-def completion_loss(model, batch: Mapping[str, Tensor], weights: Mapping[str, Tensor] | None = None) -> Tensor:
-    """Mean cross-entropy over the completion tokens; ``weights`` replaces parameters by name
-    for this call only (``torch.func.functional_call``), so no model copy is made."""
-    if weights is None:
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    else:
-        out = torch.func.functional_call(model, dict(weights), args=(),
-                                          kwargs={"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]},
-                                          strict=False)
-    logits = out.logits[:, :-1].float()
-    labels = batch["labels"][:, 1:]
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
-
-
-@torch.no_grad()
-def mean_loss(model, examples: Sequence, pad_id: int, weights: Mapping[str, Tensor] | None = None,
-              batch_size: int = 128) -> float:
-    """Token-weighted mean completion loss of ``examples`` (all of them, in order)."""
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for s in range(0, len(examples), batch_size):
-        b = collate(examples[s:s + batch_size], pad_id, device)
-        n = int((b["labels"][:, 1:] != -100).sum())
-        total += float(completion_loss(model, b, weights)) * n
-        count += n
-    return total / max(count, 1)
 
 
 # --------------------------------------------------------------------------- the optimised mask

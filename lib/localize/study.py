@@ -40,6 +40,7 @@ import torch
 from lib.core import data
 from lib.localize import grafting as G
 from lib.core.evaluation import EvalResult, evaluate
+from lib.core.sft_data import make_batches, mean_loss
 from lib.core.stats import mean_ci
 
 KINDS = ("graft", "magnitude", "random")
@@ -162,6 +163,7 @@ def recovery_study(model, tok, pre, deltas_by_source: Mapping[str, Mapping[str, 
     from tqdm.auto import tqdm
 
     skills = list(tests)
+    device = next(model.parameters()).device
     rows, masks, results = [], {}, {}
     jobs = [(src, s) for src in deltas_by_source for s in skills]
     for src, skill in tqdm(jobs, desc="localize", disable=not progress):
@@ -179,7 +181,7 @@ def recovery_study(model, tok, pre, deltas_by_source: Mapping[str, Mapping[str, 
                 "source": src, "kind": kind, "sparsity": sp, "skill": skill, "accuracy": res.accuracy,
                 "finetuned_accuracy": ft.accuracy, "recovery": res.accuracy / ft.accuracy if ft.accuracy > 0 else float("nan"),
                 "ece": res.ece(), "finetuned_ece": ft.ece(),
-                "train_loss": G.mean_loss(model, loss_ex, tok.pad_token_id, weights),
+                "train_loss": mean_loss(model, make_batches(loss_ex, 128, tok.pad_token_id, device), weights),
                 "kept": sum(int(m.sum()) for m in mask.values()), **info,
             })
     return pd.DataFrame(rows), masks, results
@@ -216,13 +218,15 @@ def transfer_matrix(model, tok, pre, deltas: Mapping[str, dict], examples: Mappi
     (completion loss on ``examples[j]``) that skill i's full update Δθ_i achieves; T[j, j] = 1.
     Rows: the update, columns: the skill asked."""
     skills = list(deltas)
-    base = {j: G.mean_loss(model, examples[j], tok.pad_token_id) for j in skills}
+    device = next(model.parameters()).device
+    batches = {j: make_batches(examples[j], 128, tok.pad_token_id, device) for j in skills}
+    base = {j: mean_loss(model, batches[j]) for j in skills}
     own = {}
     losses = pd.DataFrame(index=skills, columns=skills, dtype=float)
     for i in skills:
         w = G.graft(pre, deltas[i], {n: torch.ones_like(d, dtype=torch.bool) for n, d in deltas[i].items()})
         for j in skills:
-            losses.loc[i, j] = G.mean_loss(model, examples[j], tok.pad_token_id, w)
+            losses.loc[i, j] = mean_loss(model, batches[j], w)
         own[i] = losses.loc[i, i]
     out = pd.DataFrame(index=skills, columns=skills, dtype=float)
     for i in skills:

@@ -29,7 +29,7 @@ Where this differs from the paper, and why
   parametrisation's random state is seeded anyway, for the budgets where NGOpt picks a
   stochastic optimiser.
 
-What is hand-written: example encoding, the loss, the evaluation loop and the bookkeeping.
+What is hand-written: the search bookkeeping (encoding and loss are lib/core/sft_data.py's).
 Each candidate is scored with ``torch.func.functional_call`` and the weights ``W + ΔW(w)``
 of the adapted modules only, so the model is never copied or modified (``budget`` calls).
 """
@@ -43,10 +43,10 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from lib.core.sft_data import encode, make_batches, mean_loss
 from lib.merge.task_vectors import MergeError, apply_merged, merge_task_vectors
 
 Tensor = torch.Tensor
-Batch = tuple[Tensor, Tensor, Tensor]  # input_ids, attention_mask, labels (-100 off the answer)
 
 
 # --------------------------------------------------------------------------- examples and loss
@@ -68,73 +68,11 @@ def _pairs(examples) -> list[tuple[str, str]]:
     return [(str(p), str(a)) for p, a in pairs]
 
 
-def encode_examples(tokenizer, examples) -> list[tuple[list[int], int]]:
-    """``[(token ids of prompt + " " + answer + eos, prompt length)]``, tokenised as trl's SFTTrainer does.
-
-    trl tokenises the prompt alone and ``prompt + completion`` (``completion = " " + answer``
-    plus the eos token, :func:`lib.core.training.sft_rows`), and the completion starts where the
-    two diverge; the loss covers the tokens from there on.
-    """
-    if tokenizer.eos_token is None:
-        raise ValueError("the tokenizer has no eos_token: the answers the experts learnt end with it")
-    out = []
-    for prompt, answer in _pairs(examples):
-        prompt_ids = tokenizer(prompt)["input_ids"]
-        ids = tokenizer(prompt + " " + answer + tokenizer.eos_token)["input_ids"]
-        n = 0
-        while n < min(len(prompt_ids), len(ids)) and prompt_ids[n] == ids[n]:
-            n += 1
-        if n >= len(ids):
-            raise ValueError(f"example {prompt!r} -> {answer!r} has no answer tokens")
-        out.append((list(ids), n))
-    return out
-
-
-def make_batches(encoded: Sequence[tuple[list[int], int]], batch_size: int, pad_id: int,
-                 device: torch.device | str = "cpu") -> list[Batch]:
-    """Right-padded batches (as in training) with labels = ids on the answer tokens, -100 elsewhere."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    batches = []
-    for start in range(0, len(encoded), batch_size):
-        chunk = encoded[start:start + batch_size]
-        width = max(len(ids) for ids, _ in chunk)
-        input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        labels = torch.full((len(chunk), width), -100, dtype=torch.long)
-        for r, (ids, n_prompt) in enumerate(chunk):
-            input_ids[r, :len(ids)] = torch.tensor(ids)
-            mask[r, :len(ids)] = 1
-            labels[r, n_prompt:len(ids)] = torch.tensor(ids[n_prompt:])
-        batches.append((input_ids.to(device), mask.to(device), labels.to(device)))
-    return batches
-
-
-@torch.no_grad()
-def answer_loss(model, batches: Sequence[Batch], params: Mapping[str, Tensor] | None = None) -> float:
-    """Mean cross-entropy (nats per token) over every answer token of ``batches``.
-
-    ``params`` replaces some of the model's parameters for this call only
-    (``torch.func.functional_call``); the model is run in eval mode (no dropout).
-    """
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    try:
-        for input_ids, mask, labels in batches:
-            kwargs = {"input_ids": input_ids, "attention_mask": mask}
-            if params:
-                out = torch.func.functional_call(model, dict(params), args=(), kwargs=kwargs)
-            else:
-                out = model(**kwargs)
-            logits = out.logits[:, :-1].float()
-            target = labels[:, 1:]
-            total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                                             ignore_index=-100, reduction="sum"))
-            count += int((target != -100).sum())
-    finally:
-        model.train(was_training)
-    return total / count
+def encode_examples(tokenizer, examples) -> list[tuple[tuple[int, ...], int]]:
+    """The (prompt, answer) examples tokenised as the experts were trained: trl's
+    prompt/completion rows (:func:`lib.core.sft_data.encode`), loss on the answer only."""
+    pairs = _pairs(examples)
+    return encode(tokenizer, [p for p, _ in pairs], [a for _, a in pairs])
 
 
 def _check_tvs(base_model, tvs) -> tuple[list[str], list[str]]:
@@ -156,7 +94,7 @@ def _check_tvs(base_model, tvs) -> tuple[list[str], list[str]]:
 
 def make_loss_fn(base_model, tokenizer, tvs: Mapping[str, Mapping[str, Tensor]], examples,
                  batch_size: int = 16) -> Callable[[Sequence[float]], float]:
-    """``loss(w)``: :func:`answer_loss` of ``base + Σ_i w_i ΔW_i`` on ``examples`` (``w`` in ``tvs``' order).
+    """``loss(w)``: :func:`lib.core.sft_data.mean_loss` of ``base + Σ_i w_i ΔW_i`` on ``examples`` (``w`` in ``tvs``' order).
 
     The composed weights are passed to ``functional_call``; ``base_model`` is never modified.
     """
@@ -173,7 +111,7 @@ def make_loss_fn(base_model, tokenizer, tvs: Mapping[str, Mapping[str, Tensor]],
         merged = merge_task_vectors(tvs, "task_arithmetic", weights=w)
         params = {f"{m}.weight": (weights[m].float() + merged[m].to(weights[m].device)).to(weights[m].dtype)
                   for m in modules}
-        return answer_loss(base_model, batches, params)
+        return mean_loss(base_model, batches, params)
 
     return loss
 
@@ -257,4 +195,4 @@ def lorahub_search(base_model, tokenizer, tvs: Mapping[str, Mapping[str, Tensor]
     }
 
 
-__all__ = ["answer_loss", "compose", "encode_examples", "l1_penalty", "lorahub_search", "make_batches", "make_loss_fn"]
+__all__ = ["compose", "encode_examples", "l1_penalty", "lorahub_search", "make_loss_fn"]
