@@ -255,7 +255,7 @@ def test_dataset_with_a_missing_split_stops_the_training_step(workdir, capsys, m
 
 
 def test_wrong_answer_in_a_test_set_is_caught_before_scoring(tmp_path):
-    skills = make_params(SkillsParams, train=["reverse", "upper"])
+    skills = make_params(SkillsParams, train=["reverse", "upper"], heldout=[])
     syn = make_params(SynthesizeParams, n_train=4, n_val=2, n_test=6)
     for s in skills.train:
         data.save(synth.skill_splits(s, skills, syn), tmp_path / "datasets" / "skills" / s)
@@ -474,7 +474,7 @@ def _train_expert_process(root: Path, skill: str, *more_roots: Path) -> dict | l
     """``lib.experts.train``'s ``run(skill)`` in each root, in one process of its own like the one DVC
     starts (default torch threads, unlike this test process)."""
     roots = [root, *more_roots]
-    code = ("import sys\nfrom lib import train_expert\n"
+    code = ("import sys\nfrom lib.experts import train as train_expert\n"
             f"for r in {[str(r) for r in roots]!r}:\n    train_expert.run({skill!r}, root=r, progress=False)\n")
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     proc = subprocess.run([str(BIN / "python"), "-c", code], cwd=root, env=env, capture_output=True, text=True)
