@@ -106,10 +106,6 @@ class Registry:
         self.load()
         return tuple(self._entries)
 
-    def entries(self) -> dict[str, Entry]:
-        self.load()
-        return dict(self._entries)
-
     def get(self, name: str) -> Entry:
         self.load()
         try:

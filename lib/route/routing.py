@@ -54,6 +54,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from lib.core.sft_data import eval_mode
 from lib.core.stats import bootstrap_ci
 from lib.core.evaluation import BASE_ADAPTER, _check_adapter_names, _device, _eos_ids, _is_peft, _left_pad
 
@@ -82,17 +83,6 @@ def _kept_requires_grad(model: nn.Module):
         for p, flag in before:
             if p.requires_grad != flag:
                 p.requires_grad_(flag)
-
-
-@contextlib.contextmanager
-def _eval(model: nn.Module):
-    """Eval mode for the block (dropout off; peft refuses ``adapter_names`` in training mode)."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 @contextlib.contextmanager
@@ -177,7 +167,7 @@ class TaskRouter:
         rounding). Used inside :class:`SoftMixture`'s ``generate``, where only ids exist.
         """
         mask = attention_mask.to(input_ids.device)
-        with torch.inference_mode(), _eval(model), _base_only(model):
+        with torch.inference_mode(), eval_mode(model), _base_only(model):
             out = model(input_ids=input_ids, attention_mask=mask, position_ids=_position_ids(mask),
                         output_hidden_states=True, use_cache=False, return_dict=True)
         hidden = out.hidden_states[self.hidden_layer].float()
@@ -578,7 +568,7 @@ class LogitEnsemble(_ModelWrapper):
         caches: list[Any] = [None] * len(self.names)
         unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=device)
         new_tokens, step_logits = [], []
-        with torch.inference_mode(), _eval(self.model):
+        with torch.inference_mode(), eval_mode(self.model):
             for _ in range(max_new_tokens):
                 probs = None
                 for e, name in enumerate(self.names):
