@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import sys
+import textwrap
 
 import numpy as np
 import pandas as pd
@@ -232,12 +234,15 @@ def _continual(**kw) -> dict:
 
 
 def test_unknown_strategy_is_a_clear_params_error():
+    from lib.continual.strategies import STRATEGIES
+
     with pytest.raises(config.ParamsError) as err:
         config.validate_section("continual", _continual(strategies=["sequential_lora", "bogus"]))
     msg = str(err.value)
-    assert "continual.strategies" in msg and "bogus" in msg
-    for name in config.CONTINUAL_STRATEGY_NAMES:
-        assert name in msg
+    assert "continual.strategies" in msg
+    assert f"unknown continual strategy ['bogus']; known: {', '.join(STRATEGIES.names())}" in msg
+    with pytest.raises(config.ParamsError, match="a continual strategy is listed twice"):
+        config.validate_section("continual", _continual(strategies=["ewc", "ewc"]))
 
 
 def test_other_bad_continual_params():
@@ -253,13 +258,59 @@ def test_other_bad_continual_params():
         config.validate_section("continual", _continual(tasks=["inc"]))
 
 
-def test_registry_names_match_the_config_names():
-    from lib.continual.strategies import STRATEGIES, get_strategy
+def test_every_strategy_is_registered_with_its_paper():
+    from lib.continual.strategies import STRATEGIES
+    from lib.core.registry import UnknownName
 
-    assert set(STRATEGIES) == set(config.CONTINUAL_STRATEGY_NAMES)
-    assert set(C.CURVE_STRATEGIES) < set(STRATEGIES)
-    with pytest.raises(KeyError, match="known strategies"):
-        get_strategy("bogus")
+    assert set(STRATEGIES.names()) == {"sequential_lora", "sequential_full", "replay", "ewc", "l2", "olora",
+                                       "library_merge", "library_route", "multitask"}
+    assert set(C.CURVE_STRATEGIES) < set(STRATEGIES.names())
+    assert set(_continual()["strategies"]) <= set(STRATEGIES.names())  # params.yaml's list
+    for name in STRATEGIES.names():
+        entry = STRATEGIES.get(name)
+        assert entry.kind == "continual strategy" and entry.paper and entry.url.startswith("https://"), name
+        assert callable(entry.obj) and entry.obj.__module__ == f"lib.continual.strategies.{name}"  # one file each
+    assert "Kirkpatrick et al. 2017" in STRATEGIES.get("ewc").paper and "Wang et al. 2023" in STRATEGIES.get("olora").paper
+    with pytest.raises(UnknownName, match="unknown continual strategy 'bogus'; known: .*sequential_lora"):
+        STRATEGIES.get("bogus")
+
+
+def test_a_new_strategy_is_one_file(tiny_project, tmp_path, monkeypatch):
+    """A toy strategy in a new module registers itself, passes params validation and runs
+    through the stage's code path (run_study -> Study.run_all -> summarize)."""
+    from lib.continual.strategies import STRATEGIES
+
+    (tmp_path / "toy_strategy_plugin.py").write_text(textwrap.dedent('''
+        from lib.continual.strategies import STRATEGIES
+        from lib.continual.strategies._common import result
+
+        @STRATEGIES.register("toy_frozen", paper="none", url="https://example.org")
+        def toy_frozen(study, order, skills, seed):
+            """Never learns: every row after a task is the base model's."""
+            rows = [study.base_row] * len(skills)
+            return result(study, "toy_frozen", order, skills, seed, rows, [], 0, study.base_params, 0.0)
+    '''))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    root, skills = tiny_project
+    e = make_params(config.ExpertsParams, rank=2, alpha=4, target_modules=["q_proj", "v_proj"], batch_size=4, lr=1e-2)
+    ev = make_params(config.EvalParams, batch_size=64, n_boot=100)
+    try:
+        __import__("toy_strategy_plugin")
+        assert STRATEGIES.get("toy_frozen").paper == "none"
+        c = make_params(config.ContinualParams, tasks=["inc", "maxdigit"], strategies=["toy_frozen"], orders=["given"],
+                        seeds=[0], steps_per_task=4, eval_every=2, eval_n=4, workers=1)
+        results = C.run_study(root, skills, e, ev, c, progress=False)
+        assert [(r.strategy, r.order, r.seed) for r in results] == [("toy_frozen", "given", 0)]
+        assert results[0].R.shape == (3, 2) and (results[0].R == results[0].R[0]).all()
+        metrics, summary = C.summarize(results, c)
+        toy = metrics["strategies"]["toy_frozen"]
+        assert toy["BWT"]["mean"] == 0.0 and toy["FWT"]["mean"] == 0.0 and toy["forgetting"]["mean"] == 0.0
+        assert metrics["best_strategy"] == "toy_frozen" and list(summary.strategy) == ["toy_frozen"]
+    finally:
+        STRATEGIES.remove("toy_frozen")
+        sys.modules.pop("toy_strategy_plugin", None)
+    with pytest.raises(config.ParamsError, match=r"unknown continual strategy \['toy_frozen'\]; known: .*sequential_lora"):
+        make_params(config.ContinualParams, strategies=["toy_frozen"])
 
 
 def test_orders_alternate_or_group_the_families():

@@ -179,6 +179,17 @@ def test_summary_is_json_serialisable(tok):
     assert all(type(v) in (int, float, dict) for v in summary.values())
 
 
+def test_evaluation_settings_pass_as_one_object(tok):
+    """``settings=`` (the evaluation params section) sets batch size, bootstrap and bins at once."""
+    from lib.core.config import EvalParams, make
+
+    E = make(EvalParams, batch_size=2, n_boot=200, ece_bins=4)
+    res = evaluate(oracle(tok, wrong=True), tok, rows(), settings=E, progress=False)
+    assert (res.n_boot, res.n_bins) == (200, 4)
+    plain = evaluate(oracle(tok, wrong=True), tok, rows(), batch_size=2, n_boot=200, n_bins=4, progress=False)
+    pd.testing.assert_frame_equal(res.examples, plain.examples)
+
+
 def test_evaluate_accepts_datasets_and_rejects_bad_input(tok):
     from datasets import Dataset
 

@@ -78,6 +78,21 @@ def test_random_masks_overlap_as_expected_by_chance():
     assert j == pytest.approx(LZ.random_jaccard(0.1), rel=0.05)          # s / (2 - s) = 0.0526
 
 
+def test_random_overlap_interval_covers_random_masks_and_not_shared_ones():
+    """The chance level of the disjointness claim: random masks of the same sizes land inside
+    it; masks that share most of their entries land far above it."""
+    like = {"w": torch.zeros(5_000), "v": torch.zeros(50, 20)}
+    rand = {f"s{i}": G.random_mask(like, 0.1, i) for i in range(5)}
+    chance = LZ.random_overlap_ci(rand, n_draws=2000, seed=0)
+    assert chance["lo"] < chance["mean"] < chance["hi"] and chance["mean"] == pytest.approx(LZ.random_jaccard(0.1), rel=0.02)
+    measured = LZ.offdiag_jaccard_ci(LZ.overlap_matrix(rand), n_boot=500, seed=0)
+    assert chance["lo"] - 0.005 < measured["mean"] < chance["hi"] + 0.005 and measured["n"] == 10
+    core = G.random_mask(like, 0.08, 99)
+    shared = {f"s{i}": {k: core[k] | G.random_mask(like, 0.02, 10 + i)[k] for k in like} for i in range(5)}
+    overlap = LZ.offdiag_jaccard_ci(LZ.overlap_matrix(shared), n_boot=500, seed=0)
+    assert overlap["lo"] > LZ.random_overlap_ci(shared, n_draws=2000, seed=0)["hi"] + 0.3
+
+
 def test_jaccard_on_hand_made_masks():
     a = {"x": T([1, 1, 0, 0], dtype=torch.bool), "y": T([[1, 0]], dtype=torch.bool)}
     b = {"x": T([0, 1, 1, 0], dtype=torch.bool), "y": T([[1, 1]], dtype=torch.bool)}
@@ -281,6 +296,200 @@ def test_study_skills_must_be_training_skills():
     assert LZ.study_skills(["inc", "dec"], None) == ["inc", "dec"]
     with pytest.raises(LZ.LocalizeError, match="not training skills"):
         LZ.study_skills(["inc", "dec"], ["upper"])
+
+
+# ---------------------------------------------------------------- study steps, tables, figures, metrics
+# (the logic the notebook's cells held, moved into lib.localize; checked on tables built here)
+
+SKILLS3 = ["a", "b", "c"]
+FAMILIES3 = {"a": "fam1", "b": "fam1", "c": "fam2"}
+
+
+def _study_table(sources=("full_ft", "lora"), sparsities=(0.1, 0.3)) -> pd.DataFrame:
+    """A recovery_study-shaped table: accuracy = ft · (rank of the kind + sparsity)/2, ECE fixed per cell."""
+    ft = {"a": 0.8, "b": 0.5, "c": 0.0}
+    rows = []
+    for si, src in enumerate(sources):
+        for ki, kind in enumerate(LZ.KINDS):
+            for sp in sparsities:
+                for i, s in enumerate(SKILLS3):
+                    acc = ft[s] * (1 - ki / 3) * sp / max(sparsities)
+                    rows.append({"source": src, "kind": kind, "sparsity": sp, "skill": s, "accuracy": acc,
+                                 "finetuned_accuracy": ft[s], "recovery": acc / ft[s] if ft[s] > 0 else float("nan"),
+                                 "ece": 0.1 * (i + 1) + 0.01 * si, "finetuned_ece": 0.05 * (i + 1),
+                                 "train_loss": 1.0 + ki + sp, "kept": 10})
+    return pd.DataFrame(rows)
+
+
+def _hand_masks(sources=("full_ft", "lora"), sp=0.1) -> dict:
+    """Graft masks of 3 entries in 8: Jaccard(a, b) = 2/4, Jaccard(a, c) = 0, Jaccard(b, c) = 1/5."""
+    m = {"a": [1, 1, 1, 0, 0, 0, 0, 0], "b": [0, 1, 1, 1, 0, 0, 0, 0], "c": [0, 0, 0, 1, 1, 1, 0, 0]}
+    return {(src, "graft", sp, s): {"w": T(v, dtype=torch.bool)} for src in sources for s, v in m.items()}
+
+
+def _behaviour(values: dict) -> pd.DataFrame:
+    B = pd.DataFrame(np.eye(3), index=SKILLS3, columns=SKILLS3)
+    for (x, y), v in values.items():
+        B.loc[x, y] = v
+    return B
+
+
+def test_concentration_table_rows_per_source_and_skill():
+    deltas = {"full_ft": {"a": {"w": T([3.0, 1.0, 0.0, 0.0])}, "b": {"w": T([1.0, 1.0, 1.0, 1.0])}}}
+    t = LZ.concentration_table(deltas, [0.25, 1.0])
+    assert list(t.columns) == ["source", "skill", "top 0.25", "top 1"]
+    assert t["top 0.25"].tolist() == pytest.approx([0.9, 0.25]) and t["top 1"].tolist() == pytest.approx([1.0, 1.0])
+
+
+def test_sources_reported_and_write_csv(tmp_path):
+    assert LZ.main_source(["lora", "full_ft"]) == "full_ft" and LZ.main_source(["lora"]) == "lora"
+    assert LZ.merge_source(["full_ft", "lora"]) == "lora" and LZ.merge_source(["full_ft"]) == "full_ft"
+    t = _study_table()
+    path = LZ.write_csv(t[LZ.RECOVERY_COLUMNS], tmp_path / "new" / "r.csv")
+    assert path.read_text() == t[LZ.RECOVERY_COLUMNS].to_csv(index=False)
+    assert list(pd.read_csv(path).columns) == ["source", "kind", "sparsity", "skill", "accuracy", "recovery"]
+
+
+def test_finetuned_accuracy_and_calibration_on_a_small_table():
+    t = _study_table()
+    ft = LZ.finetuned_accuracy(t)
+    assert list(ft.columns) == ["full_ft", "lora"] and ft.loc["a", "lora"] == 0.8 and ft.loc["c", "full_ft"] == 0.0
+    cal, calib = LZ.calibration(t, ["full_ft", "lora"], 0.1, n_boot=200, seed=0)
+    assert list(cal.columns) == ["source", "skill", "finetuned_accuracy", "grafted_accuracy", "finetuned_ece", "grafted_ece"]
+    assert len(cal) == 6 and (t.loc[cal.index, "kind"] == "graft").all() and (t.loc[cal.index, "sparsity"] == 0.1).all()
+    c = calib["full_ft"]
+    assert c["sparsity"] == 0.1 and c["ece_finetuned"]["mean"] == pytest.approx(0.1) and c["ece_grafted"]["mean"] == pytest.approx(0.2)
+    assert c["relative_reduction"] == pytest.approx(1 - 0.2 / 0.1)                          # grafting doubled the ECE: −1
+    assert calib["lora"]["ece_grafted"]["mean"] == pytest.approx(0.21) and calib["lora"]["ece_finetuned"]["n"] == 3
+    zero = t.assign(finetuned_ece=0.0)
+    assert np.isnan(LZ.calibration(zero, ["lora"], 0.1, n_boot=50)[1]["lora"]["relative_reduction"])
+
+
+def test_overlap_from_hand_made_masks_and_behaviour():
+    loss = _behaviour({("a", "b"): 0.8, ("b", "a"): 0.6, ("a", "c"): 0.0, ("c", "a"): 0.2, ("b", "c"): 0.3, ("c", "b"): 0.3})
+    expert = _behaviour({})
+    ov = LZ.overlap_from(_hand_masks(), {"full_ft": loss, "lora": loss}, expert, SKILLS3, FAMILIES3,
+                         ["full_ft", "lora"], 0.1, n_boot=100, n_perm=20, seed=0)
+    assert ov.main_source == "full_ft" and ov.sparsity == 0.1 and ov.chance == pytest.approx(LZ.random_jaccard(0.1))
+    J = ov.matrices["lora"]
+    assert J.loc["a", "b"] == pytest.approx(0.5) and J.loc["a", "c"] == 0.0 and J.loc["c", "b"] == pytest.approx(0.2)
+    assert list(ov.pairs.columns) == ["skill_a", "skill_b", "jaccard", "same_family", "loss_transfer", "expert_accuracy", "source"]
+    assert ov.pairs.source.tolist() == ["full_ft"] * 3 + ["lora"] * 3
+    ab = ov.pairs.iloc[0]
+    assert (ab.skill_a, ab.skill_b, ab.same_family) == ("a", "b", True) and ab.loss_transfer == pytest.approx(0.7)
+    mean, same, cross = ov.family["full_ft"]
+    assert same == pytest.approx(0.5) and cross == pytest.approx(0.1) and mean == pytest.approx(0.7 / 3)
+    assert set(ov.corr["full_ft"]) == {"loss_transfer", "expert_accuracy"}
+    assert ov.corr["full_ft"]["loss_transfer"]["r"] == pytest.approx(1.0)         # Jaccard 0.5 > 0.2 > 0; transfer 0.7 > 0.3 > 0.1
+    alone = LZ.overlap_from(_hand_masks(("lora",)), {"lora": loss}, None, SKILLS3, FAMILIES3, ["lora"], 0.1, 50, 10, 0)
+    assert alone.main_source == "lora" and set(alone.corr["lora"]) == {"loss_transfer"}
+    assert "expert_accuracy" not in alone.pairs.columns
+
+
+def test_metrics_assembly_on_a_constructed_study():
+    from types import SimpleNamespace
+
+    t = _study_table()
+    L = SimpleNamespace(sparsities=[0.1, 0.3], sources=["full_ft", "lora"], focus_sparsity=0.1)
+    loss = _behaviour({("a", "b"): 0.8, ("b", "a"): 0.6, ("c", "a"): 0.2, ("b", "c"): 0.3, ("c", "b"): 0.3})
+    ov = LZ.overlap_from(_hand_masks(), {"full_ft": loss, "lora": loss}, None, SKILLS3, FAMILIES3, L.sources, 0.1, 100, 20, 0)
+    _, calib = LZ.calibration(t, L.sources, 0.1, 100)
+    recovery = LZ.recovery_summary(t, 100)
+    merge_res = {(src, kind): {"mean": 0.1 * i, "lo": 0.0, "hi": 1.0, "n": 3}
+                 for i, (src, kind) in enumerate((s, k) for s in L.sources for k in LZ.MERGE_KINDS)}
+    m = LZ.metrics(L, 1234, SKILLS3, LZ.finetuned_accuracy(t), recovery, ov, calib, merge_res)
+    assert set(m) == {"sparsities", "considered_params", "finetuned_accuracy", "recovery", "overlap", "calibration", "graft_merge"}
+    assert m["sparsities"] == [0.1, 0.3] and m["considered_params"] == 1234 and m["recovery"] is recovery
+    assert m["finetuned_accuracy"] == {src: {"a": 0.8, "b": 0.5, "c": 0.0} for src in L.sources}
+    o = m["overlap"]
+    assert (o["sparsity"], o["source"], o["random_expectation"]) == (0.1, "full_ft", ov.chance)
+    assert (o["mean_offdiag_jaccard"], o["same_family_jaccard"], o["cross_family_jaccard"]) == ov.family["full_ft"]
+    c = ov.corr["full_ft"]["loss_transfer"]
+    assert o["corr_with_behaviour"] == {**{k: c[k] for k in ("r", "lo", "hi", "method", "p_permutation", "n_pairs")},
+                                        "behaviour": "loss transfer (symmetrised)"}
+    assert set(o["by_source"]) == set(L.sources)
+    assert set(o["by_source"]["lora"]["corr_with_behaviour"]["loss_transfer"]) == {"r", "lo", "hi", "p_permutation"}
+    cal = m["calibration"]
+    assert cal["source"] == "full_ft" and cal["ece_grafted"] == calib["full_ft"]["ece_grafted"] and cal["by_source"] == calib
+    gm = m["graft_merge"]
+    assert gm["source"] == "lora" and gm["mean_normalised"] == merge_res[("lora", "graft union")]
+    assert list(gm["by_source"]) == [f"{s}: {k}" for s in L.sources for k in LZ.MERGE_KINDS]
+    only_ft = SimpleNamespace(sparsities=[0.1, 0.3], sources=["full_ft"], focus_sparsity=0.1)
+    ov1 = LZ.overlap_from(_hand_masks(("full_ft",)), {"full_ft": loss}, None, SKILLS3, FAMILIES3, ["full_ft"], 0.1, 50, 10, 0)
+    m1 = LZ.metrics(only_ft, 1, SKILLS3, LZ.finetuned_accuracy(t), recovery, ov1, {"full_ft": calib["full_ft"]},
+                    {("full_ft", k): merge_res[("full_ft", k)] for k in LZ.MERGE_KINDS})
+    assert m1["graft_merge"]["source"] == "full_ft" and m1["overlap"]["source"] == "full_ft"
+
+
+def test_tables_format_the_study_results():
+    from lib.localize import tables as TB
+
+    assert TB.fmt_ci({"mean": 0.5, "lo": 0.25, "hi": 0.754}) == "0.50 [0.25, 0.75]"
+    t = _study_table()
+    recovery = LZ.recovery_summary(t, 100)
+    rt = TB.recovery_table(recovery)
+    assert list(rt.index) == ["0.1", "0.3"] and ("lora", "magnitude") in rt.columns
+    assert rt.loc["0.3", ("full_ft", "graft")] == "1.00 [1.00, 1.00]"
+    text = TB.recovery_sentences(recovery, LZ.finetuned_accuracy(t))
+    assert text.startswith("Measured recovery (mean over skills [95% interval]):\n\n* **full_ft**: graft recovery at sparsity 0.1: ")
+    assert "(fine-tuned accuracy 0.433 on average)" in text and text.count("\n* ") == 2
+    per = TB.graft_recovery_per_skill(t)
+    assert per.shape == (4, 2) and per.loc[("lora", "a"), 0.3] == pytest.approx(1.0)    # skill c (ft accuracy 0) has no recovery
+    assert TB.train_loss_by_kind(t).loc[("lora", 0.1), "random"] == pytest.approx(3.1)
+    loss = _behaviour({("a", "b"): 0.8, ("b", "a"): 0.6, ("c", "a"): 0.2, ("b", "c"): 0.3, ("c", "b"): 0.3})
+    expert = _behaviour({("a", "b"): 0.05})
+    ov = LZ.overlap_from(_hand_masks(), {"full_ft": loss, "lora": loss}, expert, SKILLS3, FAMILIES3,
+                         ["full_ft", "lora"], 0.1, 100, 20, 0)
+    s = TB.overlap_summary(ov)
+    assert list(s.columns) == ["full_ft", "lora"] and s.loc["same family", "lora"] == pytest.approx(0.5)
+    assert s.loc["ρ with loss_transfer", "full_ft"].startswith("1.00 [")
+    notes = TB.overlap_notes(ov).splitlines()
+    assert len(notes) == 3
+    assert notes[0].startswith("* full_ft: the most-overlapping pair is a–b (Jaccard 0.500, 9.5× chance, same family), rank 1 of 3")
+    assert notes[2].startswith("* Expert accuracy off the diagonal is nonzero for 1 of 3 pairs (largest 0.025)")
+
+
+def test_setup_summary_sentence():
+    from types import SimpleNamespace
+
+    from lib.localize import tables as TB
+
+    st = SimpleNamespace(names=["inc", "dec"], n_considered=1000, n_total=4000,
+                         localize=SimpleNamespace(sources=["full_ft", "lora"], sparsities=[0.001, 0.1]))
+    assert TB.setup_summary(st) == ("2 skills (inc, dec), sources full_ft, lora. Considered parameters: 1,000 of the "
+                                    "model's 4,000 (25.0%); sparsities 0.001, 0.1 keep 1, 100 entries.")
+
+
+def test_figures_draw_from_small_tables():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lib.core.evaluation import EvalResult
+    from lib.localize import figures as FG
+
+    t = _study_table()
+    g = FG.recovery_curves(t)
+    assert g.axes.shape == (1, 2) and g.axes[0, 0].get_ylabel().startswith("recovery")
+    assert FG.recovery_curves(t.assign(recovery=float("nan"))).axes[0, 0].get_ylabel() == "accuracy (recovery undefined)"
+    loss = _behaviour({("a", "b"): 0.8, ("b", "a"): 0.6, ("c", "a"): 0.2, ("b", "c"): 0.3, ("c", "b"): 0.3})
+    ov = LZ.overlap_from(_hand_masks(), {"full_ft": loss, "lora": loss}, None, SKILLS3, FAMILIES3,
+                         ["full_ft", "lora"], 0.1, 50, 10, 0)
+    fig = FG.overlap_heatmaps(ov.matrices, FAMILIES3, 0.1)
+    assert fig.axes[0].get_title() == "full_ft: graft masks at sparsity 0.1"
+    assert [x.get_text() for x in fig.axes[0].get_xticklabels()] == ["a (fam1)", "b (fam1)", "c (fam2)"]
+    assert [ax.get_title() for ax in FG.overlap_scatter(ov.pairs).axes[:2]] == ["full_ft", "lora"]
+    ex = pd.DataFrame({"correct": [True, False, True], "confidence": [0.9, 0.4, 0.7], "skill": ["a", "b", "c"]})
+    results = {(src, kind, sp, s): EvalResult(ex[ex.skill == s], 0)
+               for src in ("full_ft", "lora") for kind, sp in (("finetuned", 1.0), ("graft", 0.1)) for s in SKILLS3}
+    fig = FG.reliability_grid(results, SKILLS3, ["full_ft", "lora"], 0.1, 5)
+    assert len(fig.axes) >= 4 and fig.axes[1].get_title() == "full_ft, grafted (s = 0.1)"
+    merges = pd.DataFrame({"system": ["lora: graft union", "lora: magnitude union"], "normalised accuracy": [0.8, 0.5],
+                           "lo": [0.7, 0.4], "hi": [0.9, 0.6], "mean accuracy": [0.6, 0.4]})
+    ax = FG.merge_bars(merges).axes[0]
+    assert [x.get_text() for x in ax.get_yticklabels()] == ["lora: graft union", "lora: magnitude union"]
+    plt.close("all")
 
 
 # ---------------------------------------------------------------- params

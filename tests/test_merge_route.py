@@ -8,6 +8,7 @@ import pytest
 
 from lib.core.config import make as make_params
 from lib.core.stats import macro_ci
+from lib.core.bench import Bench, System
 from lib.merge import leaderboard as MR
 from lib.core.config import EvalParams
 
@@ -100,10 +101,10 @@ class _FakeResult:
 
 
 def test_leaderboard_rows_costs_and_relative_speed():
-    bench = MR.Bench(tok=None, tests={}, ev=make_params(EvalParams, n_boot=100))
-    bench.systems = {"base": MR.System("base", "base", None),
-                     "merge:x": MR.System("merge:x", "merge", None, extra_params=0, build_s=1.5),
-                     "route:y": MR.System("route:y", "router", None, extra_params=1000)}
+    bench = Bench(tok=None, tests={}, ev=make_params(EvalParams, n_boot=100))
+    bench.systems = {"base": System("base", "base", None),
+                     "merge:x": System("merge:x", "merge", None, extra_params=0, build_s=1.5),
+                     "route:y": System("route:y", "router", None, extra_params=1000)}
     for name, correct, secs in (("base", [0, 0, 0, 0], 1.0), ("merge:x", [1, 0, 1, 1], 1.0), ("route:y", [1, 1, 1, 1], 4.0)):
         bench.results[(name, "skills")] = _FakeResult(correct, ["a", "a", "b", "b"], [3, 3, 3, 3])
         bench.seconds[(name, "skills")] = secs
@@ -117,6 +118,35 @@ def test_leaderboard_rows_costs_and_relative_speed():
     assert board.loc["route:y", "tokens_per_s_rel"] == pytest.approx(0.25)  # 4x slower than the base
     assert board.loc["merge:x", "tokens_per_s_rel"] == pytest.approx(16 / 12)  # (12 + 4) tokens in 1 s vs 12 in 1 s
     assert board.loc["route:y", "extra_params"] == 1000 and board.loc["merge:x", "build_s"] == 1.5
+
+
+def test_stage_metrics_pick_the_best_merge_and_collect_lorahub_weights():
+    """``lib.merge.stage.metrics`` reads the board: best merge by normalised accuracy, LoraHub's
+    weights from the systems its router built, the readable table with intervals."""
+    from types import SimpleNamespace
+
+    from lib.merge import stage as ST
+
+    board = pd.DataFrame({"system": ["base", "merge:a", "merge:b", "lorahub→composed"],
+                          "kind": ["base", "merge", "merge", "router"],
+                          "mean_acc": [0.1, 0.4, 0.3, 0.2], "mean_lo": [0.0, 0.3, 0.2, 0.1], "mean_hi": [0.2, 0.5, 0.4, 0.3],
+                          "norm_acc": [0.1, 0.35, 0.45, 0.2], "norm_lo": [0.0, 0.3, 0.4, 0.1], "norm_hi": [0.2, 0.4, 0.5, 0.3],
+                          "extra_params": [0, 0, 0, 0], "build_s": [0.0, 1.0, 1.0, 2.0],
+                          "tokens_per_s_rel": [1.0, 1.0, 1.0, 1.0]})
+    hub = System("lorahub→composed", "router", None, info={"weights": {"a": 0.5, "b": -0.1}})
+    st = SimpleNamespace(bench=SimpleNamespace(systems={"lorahub→composed": hub}),
+                         found={"expert_acc": {"a": 1.0, "b": 0.9}, "chosen_lambda": {"a": 0.3, "b": 1.0},
+                                "peft": pd.DataFrame({"type": ["ties"], "distance_to_exact": [0.123456]})})
+    m = ST.metrics(st, board, router=None)
+    assert m["best_merge"] == "merge:b" and m["best_merge_norm_acc"] == pytest.approx(0.45)
+    assert m["lorahub_weights"] == {"composed": {"a": 0.5, "b": -0.1}}
+    assert m["peft_distance_to_exact"] == {"ties": 0.1235} and m["refactor"] is None
+    assert m["systems"]["merge:a"]["norm_acc"] == 0.35 and set(m["systems"]) == set(board.system)
+    nan = board.assign(norm_acc=float("nan"))  # smoke profile: every expert at 0
+    assert ST.metrics(st, nan, router=None)["best_merge"] == "merge:a"
+    shown = ST.readable(board)
+    assert list(shown.kind) == ["base", "merge", "merge", "router"]
+    assert shown.set_index("system").loc["merge:b", "norm_acc"] == "0.450 [0.40, 0.50]"
 
 
 def test_metrics_json_writes_nan_as_null(tmp_path):

@@ -27,6 +27,7 @@ from datasets import DatasetDict
 from conftest import BIN, REPO, dvc, peaked_tiny_llama, set_dotted, smoke_params
 from lib.core.config import make as make_params
 from lib.merge.methods import MERGE_METHODS
+from lib.route.routers import ROUTERS
 from lib.core import config
 from lib.core import data
 from lib.synth import datasets as synth
@@ -81,7 +82,7 @@ BAD_PARAMS = [
     _row("dropout 1", "experts.dropout", 1.0, ["1.0", "less than 1"]),
     _row("unknown skill", "skills.train", [*TRAIN, "revrse"], ["unknown skill 'revrse'", "known skills", "reverse", "mindigit"]),
     _row("unknown merge method", "merge_route.merges", ["ties", "tie"], ["unknown merge method ['tie']", *MERGE_METHODS.names()]),
-    _row("unknown route method", "merge_route.routers", ["oracle", "rooter"], ["unknown router ['rooter']", *config.ROUTER_NAMES]),
+    _row("unknown route method", "merge_route.routers", ["oracle", "rooter"], ["unknown router ['rooter']", *ROUTERS.names()]),
     _row("unknown peft merge", "merge_route.peft_merges", ["concat"], ["unknown peft combination type ['concat']", "cat", "svd"]),
     _row("unknown continual method", "continual.strategies", ["nope"], ["'nope'", "known", *_known_strategies()]),
     _row("empty skill list", "skills.train", [], ["bad value []", "at least 1 item"]),

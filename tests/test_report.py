@@ -43,7 +43,8 @@ def system(kind, norm, half=0.01):
 
 def metrics_fixture() -> dict:
     systems = {"base": system("base", 0.0), "joint_same_steps": system("joint", 0.5),
-               "joint_total_steps": system("joint", 0.9), "merge:linear": system("merge", 0.2),
+               "joint_total_steps": system("joint", 0.9), "merge:linear": system("merge", 0.1),
+               "merge:task_arithmetic": system("merge", 0.2),
                "merge:ties": system("merge", 0.4), "merge:dare_ties": system("merge", 0.3),
                "peft:svd": system("peft_merge", 0.95), "route:oracle": system("router", 1.0),
                "route:router_top1": system("router", 0.97), "expert:a": system("expert", 0.5)}
@@ -57,7 +58,7 @@ def metrics_fixture() -> dict:
                                                    "min_after_switch": ci(0.5)}},
                       "best_strategy": "replay", "tasks": {"alternating": ["a", "b"]}},
         "localize": {"recovery": {"full_ft": {"graft": {"0.0001": ci(0.97), "0.01": ci(0.99)}}},
-                     "overlap": {"sparsity": 0.01, "mean_offdiag_jaccard": 0.3,
+                     "overlap": {"sparsity": 0.01, "jaccard": ci(0.3), "random_jaccard": ci(0.05),
                                  "corr_with_behaviour": {"r": 0.5, "lo": -0.1, "hi": 0.8, "method": "pearson"}},
                      "calibration": {"ece_grafted": ci(0.05), "ece_finetuned": ci(0.2), "relative_reduction": 0.75},
                      "graft_merge": {"mean_normalised": ci(0.6)}},
@@ -70,15 +71,70 @@ def test_each_claim_is_computed_from_the_metrics():
     want = {"selma": HELD,             # peft:svd 0.95 > joint total 0.9 (best merge includes peft merges)
             "routing": HELD,           # router_top1 0.97 > 0.9; the oracle is not a candidate
             "task_moe": HELD,          # 0.6 [0.55, 0.65] > chance 0.3
-            "ties_dare": HELD,         # ties 0.4 and dare_ties 0.3 > linear 0.2
+            "ties_dare": HELD,         # ties 0.4 and dare_ties 0.3 > task arithmetic 0.2
             "loc_sparse": HELD,        # 0.97 [0.96, 0.98] > 0.95
-            "loc_disjoint": NOT_HELD,  # 0.3 is not below 0.1
+            "loc_disjoint": NOT_HELD,  # 0.3 overlaps more than random masks' 0.05
             "loc_similarity": INCONCLUSIVE,  # interval includes 0
             "loc_calibration": HELD,
             "cl_forgets": HELD, "cl_replay": HELD,
             "stability_gap": INCONCLUSIVE}  # depth > 0 but the recovery interval includes 0
     assert {k: r["verdict"] for k, r in rows.items()} == want
     assert "peft:svd" in rows["selma"]["measured"] and "0.950" in rows["selma"]["measured"]
+
+
+def _set_norm(m, name, norm, half=0.01):
+    m["merge_route"]["systems"][name].update(norm_acc=norm, norm_lo=norm - half, norm_hi=norm + half)
+
+
+# Per claim: a change of the fixture that makes it hold, one that makes it fail, one that
+# leaves it inconclusive. Every rule must be able to go each way.
+THREE_WAYS = {
+    "selma": {HELD: lambda m: None,                                            # peft:svd 0.95 vs joint 0.9
+              NOT_HELD: lambda m: _set_norm(m, "joint_total_steps", 0.99, 0.001),
+              INCONCLUSIVE: lambda m: _set_norm(m, "joint_total_steps", 0.95)},
+    "routing": {HELD: lambda m: None,
+                NOT_HELD: lambda m: _set_norm(m, "joint_total_steps", 0.99, 0.001),
+                INCONCLUSIVE: lambda m: _set_norm(m, "joint_total_steps", 0.97)},
+    "task_moe": {HELD: lambda m: None,
+                 NOT_HELD: lambda m: m["merge_route"]["router"]["family_mass"].update(chance=0.8),
+                 INCONCLUSIVE: lambda m: m["merge_route"]["router"]["family_mass"].update(chance=0.6)},
+    "ties_dare": {HELD: lambda m: None,                                        # ties 0.4, dare_ties 0.3 vs 0.2
+                  NOT_HELD: lambda m: _set_norm(m, "merge:task_arithmetic", 0.5),
+                  INCONCLUSIVE: lambda m: _set_norm(m, "merge:task_arithmetic", 0.35)},  # one above, one below
+    "loc_sparse": {HELD: lambda m: None,
+                   NOT_HELD: lambda m: m["localize"]["recovery"]["full_ft"]["graft"].update({"0.0001": ci(0.8)}),
+                   INCONCLUSIVE: lambda m: m["localize"]["recovery"]["full_ft"]["graft"].update({"0.0001": ci(0.95)})},
+    "loc_disjoint": {HELD: lambda m: m["localize"]["overlap"].update(jaccard=ci(0.01, 0.005)),
+                     NOT_HELD: lambda m: None,
+                     INCONCLUSIVE: lambda m: m["localize"]["overlap"].update(jaccard=ci(0.055))},
+    "loc_similarity": {HELD: lambda m: m["localize"]["overlap"]["corr_with_behaviour"].update(lo=0.1),
+                       NOT_HELD: lambda m: m["localize"]["overlap"]["corr_with_behaviour"].update(r=-0.5, lo=-0.8, hi=-0.1),
+                       INCONCLUSIVE: lambda m: None},
+    "loc_calibration": {HELD: lambda m: None,
+                        NOT_HELD: lambda m: m["localize"]["calibration"].update(ece_grafted=ci(0.3)),
+                        INCONCLUSIVE: lambda m: m["localize"]["calibration"].update(ece_grafted=ci(0.2))},
+    "cl_forgets": {HELD: lambda m: None,
+                   NOT_HELD: lambda m: m["continual"]["strategies"]["sequential_lora"].update(BWT=ci(0.2)),
+                   INCONCLUSIVE: lambda m: m["continual"]["strategies"]["sequential_lora"].update(BWT=ci(0.0))},
+    "cl_replay": {HELD: lambda m: None,
+                  NOT_HELD: lambda m: m["continual"]["strategies"]["replay"].update(BWT=ci(-0.8)),
+                  INCONCLUSIVE: lambda m: m["continual"]["strategies"]["replay"].update(BWT=ci(-0.5))},
+    "stability_gap": {HELD: lambda m: m["continual"]["stability_gap"]["replay"].update(recovery=ci(0.2)),
+                      NOT_HELD: lambda m: m["continual"]["stability_gap"]["replay"].update(depth=ci(-0.2)),
+                      INCONCLUSIVE: lambda m: None},
+}
+
+
+def test_every_claim_has_its_three_ways():
+    assert set(THREE_WAYS) == {c.key for c in C.CLAIMS}
+
+
+@pytest.mark.parametrize("key,want", [(k, v) for k, ways in THREE_WAYS.items() for v in ways])
+def test_each_claim_can_hold_fail_or_stay_inconclusive(key, want):
+    m = metrics_fixture()
+    THREE_WAYS[key][want](m)
+    (row,) = [r for r in C.evaluate_claims(m) if r["key"] == key]
+    assert row["verdict"] == want, row["measured"]
 
 
 def test_a_claim_whose_stage_did_not_run_is_inconclusive_and_says_why():

@@ -1,4 +1,4 @@
-"""Routers between LoRA experts (lib/route/routing.py): task router, soft mixture, logit ensemble.
+"""Routers between LoRA experts (lib/route/task_router.py, soft_mixture.py, ensemble.py): task router, soft mixture, logit ensemble.
 
 Every model is a tiny random Llama (hidden 32, one layer) with two random LoRA adapters
 (``init_lora_weights=False``: non-zero updates without training), built here. Each method
@@ -20,7 +20,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from lib.core.evaluation import evaluate, generate
 from lib.merge.task_vectors import apply_merged, merge_task_vectors, task_vectors
-from lib.route.routing import LogitEnsemble, SoftMixture, TaskRouter, confusion_matrix, family_mass
+from lib.route.ensemble import LogitEnsemble
+from lib.route.soft_mixture import SoftMixture
+from lib.route.task_router import TaskRouter, confusion_matrix, family_mass
 from lib.core.tokenization import build_char_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")

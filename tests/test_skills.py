@@ -266,7 +266,7 @@ def test_solve_any_plain_composed_and_unknown():
     for bad in ["nope 12 =", "", "=", "reverse>upper"]:
         with pytest.raises(MalformedPrompt):
             solve_any(bad)
-    with pytest.raises(MalformedPrompt, match="known skills"):
+    with pytest.raises(MalformedPrompt, match="unknown skill 'nope'; known: .*reverse"):
         solve_any("nope 12 =")
     assert skill_lib.skill_of("add 1+2 =") == "add"
     assert re.fullmatch(r"[a-z0-9]+>[a-z0-9]+", skill_lib.skill_of("add>reverse 1+2 ="))

@@ -385,14 +385,15 @@ def test_teacher_path_end_to_end(tmp_path, one_thread):
     assert summary["overlap_total"] == 0
 
 
-def test_a_new_skill_flows_through_synthesis_without_code_changes(smoke_params, tmp_path, monkeypatch):
+def test_a_new_skill_flows_through_synthesis_without_code_changes(smoke_params, tmp_path, request):
     """The README's example: one registered Skill, named in params, gets its datasets."""
     from lib.skills.base import LOWER, Skill, is_word, random_string
 
     double = Skill(name="double", family="string", description="write the input twice: double ab = abab",
                    sample=lambda rng, d: random_string(rng, LOWER, d), apply=lambda x: x + x, accepts=is_word,
                    difficulty_doc="length uniform in [2, difficulty + 1]")
-    monkeypatch.setitem(skill_lib.base._REGISTRY, "double", double)
+    skill_lib.register(double)
+    request.addfinalizer(lambda: skill_lib.base.SKILLS.remove("double"))
     S, P = smoke_params
     S2 = config.validate_section("skills", {**S.model_dump(), "train": [*S.train, "double"]})
     summary = synth.synthesize_all(S2, P, tmp_path / "datasets", DATA)

@@ -172,8 +172,8 @@ def _peft_combinations(names: list[str]) -> list[str]:
     return _known_names("peft combination type", names, registry.resolve("lib.merge.adapter_space:PEFT_COMBINATIONS"))
 
 
-# Routers: still a tuple until they get their registry.
-ROUTER_NAMES = ("oracle", "router_top1", "router_soft", "arrow", "arrow_gks", "lorahub", "ensemble")
+def _routers(names: list[str]) -> list[str]:
+    return registry.resolve("lib.route.routers:ROUTERS").check(names)
 
 
 def _positive_lams(v: list[float]) -> list[float]:
@@ -216,6 +216,15 @@ class LoraHubParams(Section):
     l1: float = Field(ge=0)
 
 
+class DiagnosticsParams(Section):
+    """Why merges interfere (lib/merge/diagnostics.py): task-vector cosines and the weight
+    disentanglement error of Ortiz-Jimenez et al. 2023 on the first ``pairs`` skill pairs."""
+
+    pairs: int = Field(ge=0, description="skill pairs (in skills.train order) the disentanglement error is measured on; 0: skip")
+    grid: list[float] = Field(min_length=1, description="coefficients α for each of the pair's task vectors")
+    n_prompts: int = Field(ge=1, description="validation prompts per skill")
+
+
 class MergeRouteParams(Section):
     """Stage 04: merging methods (weight-update space and peft's adapter space) and routers."""
 
@@ -230,6 +239,7 @@ class MergeRouteParams(Section):
     peft_merges: list[str]
     svd_rank: int = Field(ge=1)
     routers: list[str]
+    diagnostics: DiagnosticsParams
     router: RouterParams
     arrow: ArrowParams
     lorahub: LoraHubParams
@@ -241,7 +251,7 @@ class MergeRouteParams(Section):
             return _merge_methods(v)
         if info.field_name == "peft_merges":
             return _peft_combinations(v)
-        return _known_names("router", v, ROUTER_NAMES)
+        return _routers(v)
 
     @field_validator("lam_grid")
     @classmethod
@@ -255,8 +265,6 @@ class MergeRouteParams(Section):
         return self
 
 
-CONTINUAL_STRATEGY_NAMES = ("sequential_lora", "sequential_full", "replay", "ewc", "l2", "olora",
-                            "library_merge", "library_route", "multitask")
 CONTINUAL_ORDER_NAMES = ("alternating", "grouped", "given")
 
 
@@ -325,9 +333,9 @@ class ContinualParams(Section):
     @field_validator("strategies", "orders")
     @classmethod
     def _names(cls, v, info):
-        kind, known = {"strategies": ("continual strategy", CONTINUAL_STRATEGY_NAMES),
-                       "orders": ("task order", CONTINUAL_ORDER_NAMES)}[info.field_name]
-        return _known_names(kind, v, known)
+        if info.field_name == "strategies":
+            return registry.resolve("lib.continual.strategies:STRATEGIES").check(v)
+        return _known_names("task order", v, CONTINUAL_ORDER_NAMES)
 
     @field_validator("tasks")
     @classmethod

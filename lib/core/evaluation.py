@@ -435,8 +435,13 @@ def evaluate(
     add_special_tokens: bool = True,
     n_boot: int = 1000,
     n_bins: int = 10,
+    settings=None,
 ) -> EvalResult:
     """Exact-match accuracy, bootstrap CIs and calibration of greedy answers on ``data``.
+
+    ``settings``: the validated ``evaluation`` params section; when given, its
+    ``batch_size``, ``n_boot`` and ``ece_bins`` replace the three keywords, so a stage passes
+    its evaluation settings as one object instead of unpacking them at every call.
 
     ``data``: a ``datasets.Dataset`` split, a DataFrame, a list of row dicts or a dict of
     columns, with ``prompt, answer, skill``. ``max_new_tokens`` defaults to
@@ -447,6 +452,8 @@ def evaluate(
     unchanged. ``"__base__"`` is the base model. Without either, the model runs as it is
     (e.g. a peft model with its active adapter, or a merged model).
     """
+    if settings is not None:
+        batch_size, n_boot, n_bins = settings.batch_size, settings.n_boot, settings.ece_bins
     if adapter_names is not None and router is not None:
         raise ValueError("give adapter_names or router, not both")
     frame = _as_frame(data)

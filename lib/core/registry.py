@@ -59,8 +59,9 @@ class Registry:
     imported on the first lookup (so registration happens by importing the file).
     """
 
-    def __init__(self, kind: str, package: str | None = None, name_pattern: re.Pattern = NAME):
-        self.kind, self.package, self.name_pattern = kind, package, name_pattern
+    def __init__(self, kind: str, package: str | None = None, name_pattern: re.Pattern = NAME,
+                 name_rule: str = "lowercase letters, digits and _ (starting with a letter)"):
+        self.kind, self.package, self.name_pattern, self.name_rule = kind, package, name_pattern, name_rule
         self._entries: dict[str, Entry] = {}
         self._loaded = package is None
 
@@ -68,8 +69,7 @@ class Registry:
 
     def add(self, name: str, obj: Any, *, paper: str = "", url: str = "", random: bool = False) -> Entry:
         if not isinstance(name, str) or not self.name_pattern.fullmatch(name):
-            raise ValueError(f"{self.kind} names are lowercase letters, digits and _ (starting with a letter), "
-                             f"got {name!r}")
+            raise ValueError(f"{self.kind} names are {self.name_rule}, got {name!r}")
         if name in self._entries:
             raise ValueError(f"{self.kind} {name!r} is registered twice")
         entry = Entry(name, obj, self.kind, paper, url, bool(random), keyword_params(obj))

@@ -96,8 +96,7 @@ def score_matrix(model, tok, tests, names: list[str], ev, progress: bool = True)
     """Long table (model, skill, n, accuracy, ci_low, ci_high, ece) for every adapter name on ``tests``."""
     rows = []
     for name in names:
-        res = evaluate(model, tok, tests, batch_size=ev.batch_size, adapter_names=[name] * len(tests), progress=progress,
-                       n_boot=ev.n_boot, n_bins=ev.ece_bins)
+        res = evaluate(model, tok, tests, settings=ev, adapter_names=[name] * len(tests), progress=progress)
         per = res.per_skill()
         per.insert(0, "model", "base" if name == BASE_ADAPTER else name)
         rows.append(per)

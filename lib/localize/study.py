@@ -1,7 +1,8 @@
 """Stage 06: skill localization by grafting, at workbook scale (Panigrahi et al. 2023).
 
 The study the notebook ``06_localize.ipynb`` runs, one function per step, built on the
-mask and graft primitives of :mod:`lib.localize.grafting`:
+mask and graft primitives of :mod:`lib.localize.grafting` (:func:`setup` loads what every step
+needs; :mod:`lib.localize.tables` and :mod:`lib.localize.figures` show the results):
 
 1. **Updates** (:func:`load_deltas`): per skill and source, Δθ over the considered
    parameters (the blocks' linear weights named by ``experts.target_modules``):
@@ -26,11 +27,15 @@ mask and graft primitives of :mod:`lib.localize.grafting`:
    averaged, one model for every skill, scored like stage 04's merges (normalised accuracy =
    accuracy / the source's fine-tuned accuracy per skill, mean over skills, interval from
    :func:`lib.core.stats.macro_ci`).
+6. **Metrics** (:func:`metrics`): ``metrics/localize.json``, the numbers stage 07 judges the
+   claims on (this stage measures, it does not judge).
 """
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -41,9 +46,13 @@ from lib.core import data
 from lib.localize import grafting as G
 from lib.core.evaluation import EvalResult, evaluate
 from lib.core.sft_data import make_batches, mean_loss
-from lib.core.stats import mean_ci
+from lib.core.stats import bootstrap_ci, macro_ci, mantel_spearman, mean_ci
 
 KINDS = ("graft", "magnitude", "random")
+#: The columns of ``plots/localize_recovery.csv``.
+RECOVERY_COLUMNS = ["source", "kind", "sparsity", "skill", "accuracy", "recovery"]
+#: The multi-skill models of the graft merge, in the order they are built.
+MERGE_KINDS = ("graft union", "magnitude union", "average of full updates")
 
 
 class LocalizeError(RuntimeError):
@@ -51,6 +60,89 @@ class LocalizeError(RuntimeError):
 
 
 # --------------------------------------------------------------------------- inputs
+
+
+@dataclass
+class Setup:
+    """Everything the study's steps read, loaded once by :func:`setup`.
+
+    ``skills``, ``experts``, ``evaluation``, ``localize``: the validated params sections;
+    ``names``: the skills studied, ``families``: their families; ``model``, ``tok``: the base
+    model and tokenizer; ``pre``: θ_pre over the considered parameters (``n_considered`` entries
+    of the model's ``n_total``); ``tests``: the first ``eval_n`` test prompts per skill;
+    ``train_ex``, ``val_ex``: the encoded training and validation rows per skill;
+    ``deltas[source][skill]``: Δθ.
+    """
+
+    skills: object
+    experts: object
+    evaluation: object
+    localize: object
+    names: list
+    families: dict
+    model: object
+    tok: object
+    pre: dict
+    n_considered: int
+    n_total: int
+    tests: dict
+    train_ex: dict
+    val_ex: dict
+    deltas: dict
+
+
+def setup(workdir: str | Path, *, skills: dict, experts: dict, evaluation: dict, localize: dict) -> Setup:
+    """The notebook's setup: quiet output and the workbook's plot style, ``workdir`` as the working
+    directory, the params sections validated, one CPU thread, the seed set, then the base
+    model, θ_pre, the test sets, the encoded training and validation rows and every Δθ."""
+    from lib.core import config, io, plotting, sft_data
+    from lib.core.bench import seed_everything
+    from lib.core.modeling import load_on_device
+    from lib.localize.finetune import considered_names, one_cpu_thread
+    from lib.skills import get_skill
+
+    io.quiet_notebook()
+    os.chdir(workdir)
+    cfg = config.from_notebook(skills=skills, experts=experts, evaluation=evaluation, localize=localize)
+    S, EX, E, L = cfg["skills"], cfg["experts"], cfg["evaluation"], cfg["localize"]
+    plotting.set_style()
+    one_cpu_thread()   # CPU only: the tiny model's steps are overhead-bound, a second thread slows them
+    seed_everything(L.seed)
+    names = study_skills(S.train, L.skills)
+    families = {s: get_skill(s).family for s in names}
+    base, tok = load_on_device("models/base")
+    pre = G.weights_of(base, considered_names(base, EX.target_modules))
+
+    def examples(split):
+        return {s: sft_data.encode(tok, ds["prompt"], ds["answer"], L.finetune.max_length)
+                for s, ds in ((s, skill_split(".", s, split)) for s in names)}
+
+    tests = {s: skill_split(".", s, "test", L.eval_n) for s in names}
+    train_ex, val_ex = examples("train"), examples("validation")
+    deltas = {src: load_deltas(".", base, src, names, pre) for src in L.sources}
+    return Setup(skills=S, experts=EX, evaluation=E, localize=L, names=names, families=families, model=base,
+                 tok=tok, pre=pre, n_considered=G.numel(pre), n_total=sum(p.numel() for p in base.parameters()),
+                 tests=tests, train_ex=train_ex, val_ex=val_ex, deltas=deltas)
+
+
+def main_source(sources: Sequence[str]) -> str:
+    """The source overlap and calibration are reported for: full fine-tuning (the paper's
+    setting) when studied."""
+    return "full_ft" if "full_ft" in sources else sources[0]
+
+
+def merge_source(sources: Sequence[str]) -> str:
+    """The source the graft merge is reported for: the LoRA experts (the updates stage 04
+    merges) when studied."""
+    return "lora" if "lora" in sources else sources[0]
+
+
+def write_csv(frame: pd.DataFrame, path: str | Path) -> Path:
+    """``frame`` to ``path`` as CSV without its index (the folder made if missing)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(path, index=False)
+    return path
 
 
 def study_skills(train: Sequence[str], chosen: Sequence[str] | None) -> list[str]:
@@ -121,6 +213,12 @@ def concentration(delta: Mapping[str, torch.Tensor], fractions: Sequence[float])
     return {f: float(sq[:G.n_keep(f, sq.numel())].sum()) / total if total else float("nan") for f in fractions}
 
 
+def concentration_table(deltas: Mapping[str, Mapping[str, dict]], fractions: Sequence[float]) -> pd.DataFrame:
+    """One row per source and skill: :func:`concentration` of its Δθ in columns ``top <f>``."""
+    return pd.DataFrame([{"source": src, "skill": s, **{f"top {f:g}": v for f, v in concentration(d, fractions).items()}}
+                         for src, ds in deltas.items() for s, d in ds.items()])
+
+
 # --------------------------------------------------------------------------- masks and recovery
 
 
@@ -128,7 +226,7 @@ def score(model, tok, test, pre, weights, E) -> EvalResult:
     """The harness on ``test`` with ``weights`` loaded into ``model``; ``pre`` is put back after."""
     G.load_weights(model, weights)
     try:
-        return evaluate(model, tok, test, batch_size=E.batch_size, n_boot=E.n_boot, n_bins=E.ece_bins, progress=False)
+        return evaluate(model, tok, test, settings=E, progress=False)
     finally:
         G.load_weights(model, pre)
 
@@ -195,6 +293,11 @@ def recovery_summary(table: pd.DataFrame, n_boot: int, seed: int = 0) -> dict:
     return out
 
 
+def finetuned_accuracy(table: pd.DataFrame) -> pd.DataFrame:
+    """Each skill's fine-tuned accuracy (θ_pre + Δθ) per source: skills by sources."""
+    return table.groupby(["source", "skill"]).finetuned_accuracy.first().unstack(0)
+
+
 # --------------------------------------------------------------------------- overlap and behaviour
 
 
@@ -210,6 +313,33 @@ def overlap_matrix(masks: Mapping[str, Mapping[str, torch.Tensor]]) -> pd.DataFr
 def random_jaccard(sparsity: float) -> float:
     """Expected Jaccard of two independent uniform masks at ``sparsity``: s² / (2s − s²)."""
     return sparsity ** 2 / (2 * sparsity - sparsity ** 2)
+
+
+def offdiag_jaccard_ci(matrix: pd.DataFrame, n_boot: int, seed: int) -> dict:
+    """Mean off-diagonal Jaccard with a 95% percentile-bootstrap interval over skill pairs."""
+    values = [float(matrix.loc[a, b]) for a, b in itertools.combinations(list(matrix.index), 2)]
+    mean, lo, hi = bootstrap_ci(values, n_boot=n_boot, seed=seed)
+    return {"mean": mean, "lo": lo, "hi": hi, "n": len(values)}
+
+
+def random_overlap_ci(masks: Mapping[str, Mapping[str, torch.Tensor]], n_draws: int, seed: int) -> dict:
+    """What the mean off-diagonal Jaccard would be if each skill's mask were a uniform random
+    subset of the considered parameters with the same number of entries: mean and 95% range
+    over ``n_draws`` draws. Two such subsets meet in a hypergeometric number of entries, so each
+    draw is exact without building masks; the range is the chance level's own spread."""
+    names = list(masks)
+    sizes = {s: int(sum(int(m.sum()) for m in masks[s].values())) for s in names}
+    total = int(sum(m.numel() for m in masks[names[0]].values()))
+    rng = np.random.default_rng(seed)
+    pairs = list(itertools.combinations(names, 2))
+    draws = np.zeros(n_draws)
+    for a, b in pairs:
+        inter = rng.hypergeometric(sizes[a], total - sizes[a], sizes[b], size=n_draws)
+        union = sizes[a] + sizes[b] - inter
+        draws += np.where(union > 0, inter / np.maximum(union, 1), 0.0)
+    draws /= max(len(pairs), 1)
+    lo, hi = np.quantile(draws, [0.025, 0.975])
+    return {"mean": float(draws.mean()), "lo": float(lo), "hi": float(hi), "n": n_draws}
 
 
 @torch.no_grad()
@@ -267,3 +397,154 @@ def interference_behaviour(path: str | Path, skills: Sequence[str]) -> pd.DataFr
     t = pd.read_csv(path)
     t = t[t.model.isin(skills) & t.skill.isin(skills)]
     return t.pivot(index="model", columns="skill", values="accuracy").reindex(index=list(skills), columns=list(skills))
+
+
+@dataclass
+class Overlap:
+    """The overlap study at ``sparsity`` (:func:`overlap_study`).
+
+    ``matrices[source]``: the Jaccard matrix of the skills' graft masks; ``pairs``: one row per
+    source and skill pair (:func:`pairs_table`, the rows of ``plots/localize_overlap.csv``);
+    ``behaviour[source]``: the loss-transfer matrix; ``interference``: stage 03's expert
+    accuracy matrix or None; ``family[source]``: (mean off-diagonal, same-family, cross-family)
+    Jaccard; ``corr[source][behaviour]``: :func:`lib.core.stats.mantel_spearman` of the
+    Jaccard against ``loss_transfer`` (and ``expert_accuracy``); ``chance``: the expected
+    Jaccard of two random masks; ``jaccard_ci[source]`` / ``random_ci[source]``: the mean
+    off-diagonal Jaccard with its interval over skill pairs, and the same for random masks of
+    the same sizes (:func:`random_overlap_ci`); ``main_source``: the source the metrics report.
+    """
+
+    sparsity: float
+    matrices: dict
+    pairs: pd.DataFrame
+    behaviour: dict
+    interference: pd.DataFrame | None
+    family: dict
+    corr: dict
+    chance: float
+    main_source: str
+    jaccard_ci: dict = field(default_factory=dict)
+    random_ci: dict = field(default_factory=dict)
+
+
+def overlap_from(masks: Mapping[tuple, Mapping[str, torch.Tensor]], behaviour: Mapping[str, pd.DataFrame],
+                 interference: pd.DataFrame | None, names: Sequence[str], families: Mapping[str, str],
+                 sources: Sequence[str], sparsity: float, n_boot: int, n_perm: int, seed: int) -> Overlap:
+    """The overlap of the graft masks ``masks[(source, 'graft', sparsity, skill)]`` and its
+    relation to skill families and to behaviour (loss transfer per source, and stage 03's
+    expert accuracy when given)."""
+    matrices, pairs = {}, []
+    for src in sources:
+        matrices[src] = overlap_matrix({s: masks[(src, "graft", sparsity, s)] for s in names})
+        b = {"loss_transfer": behaviour[src]}
+        if interference is not None:
+            b["expert_accuracy"] = interference
+        pairs.append(pairs_table(matrices[src], families, b).assign(source=src))
+    family = {src: family_overlap(matrices[src], families) for src in sources}
+    corr = {src: {k: mantel_spearman(matrices[src], B, n_boot, n_perm, seed)
+                  for k, B in (("loss_transfer", behaviour[src]),
+                               *((("expert_accuracy", interference),) if interference is not None else ()))}
+            for src in sources}
+    return Overlap(sparsity=sparsity, matrices=matrices, pairs=pd.concat(pairs, ignore_index=True),
+                   behaviour=dict(behaviour), interference=interference, family=family, corr=corr,
+                   chance=random_jaccard(sparsity), main_source=main_source(sources),
+                   jaccard_ci={src: offdiag_jaccard_ci(matrices[src], n_boot, seed) for src in sources},
+                   random_ci={src: random_overlap_ci({s: masks[(src, "graft", sparsity, s)] for s in names}, n_boot, seed)
+                              for src in sources})
+
+
+def overlap_study(st: Setup, masks: Mapping[tuple, Mapping[str, torch.Tensor]],
+                  interference_path: str | Path = "plots/interference.csv") -> Overlap:
+    """:func:`overlap_from` at ``localize.focus_sparsity``, with the loss transfer of each
+    source's updates on the validation rows and stage 03's expert accuracy (if present)."""
+    L, E = st.localize, st.evaluation
+    behaviour = {src: transfer_matrix(st.model, st.tok, st.pre, st.deltas[src], st.val_ex) for src in L.sources}
+    interference = interference_behaviour(interference_path, st.names)
+    return overlap_from(masks, behaviour, interference, st.names, st.families, L.sources, L.focus_sparsity,
+                        E.n_boot, L.n_perm, L.seed)
+
+
+# --------------------------------------------------------------------------- calibration and graft merge
+
+
+def calibration(table: pd.DataFrame, sources: Sequence[str], sparsity: float, n_boot: int,
+                seed: int = 0) -> tuple[pd.DataFrame, dict]:
+    """(per-skill table, summary) of calibration: ECE of each fine-tuned model and of its graft at
+    ``sparsity``. The table has ``source, skill, finetuned_accuracy, grafted_accuracy,
+    finetuned_ece, grafted_ece``; the summary per source the mean ECE over skills of each
+    (:func:`lib.core.stats.mean_ci`) and ``relative_reduction`` = 1 − grafted / fine-tuned."""
+    cal = table[(table.kind == "graft") & (table.sparsity == sparsity)][
+        ["source", "skill", "finetuned_accuracy", "accuracy", "finetuned_ece", "ece"]]
+    cal = cal.rename(columns={"accuracy": "grafted_accuracy", "ece": "grafted_ece"})
+    out = {}
+    for src in sources:
+        c = cal[cal.source == src]
+        e_ft, e_gr = mean_ci(c.finetuned_ece.tolist(), n_boot, seed), mean_ci(c.grafted_ece.tolist(), n_boot, seed)
+        out[src] = {"sparsity": sparsity, "ece_finetuned": e_ft, "ece_grafted": e_gr,
+                    "relative_reduction": 1 - e_gr["mean"] / e_ft["mean"] if e_ft["mean"] else float("nan")}
+    return cal, out
+
+
+def graft_merge(st: Setup, masks: Mapping[tuple, Mapping[str, torch.Tensor]],
+                results: Mapping[tuple, EvalResult]) -> tuple[pd.DataFrame, dict]:
+    """One model for every skill per source and kind of :data:`MERGE_KINDS`
+    (:func:`lib.localize.grafting.union_graft` of the graft masks, of the magnitude masks, and of
+    full masks = the plain average of the updates), scored on every skill's test prompts.
+
+    Returns (table, intervals): the table has one row per system (``system, normalised accuracy,
+    lo, hi, mean accuracy``), best first; ``intervals[(source, kind)]`` is the normalised accuracy
+    (accuracy / that source's fine-tuned accuracy per skill, mean over skills) with its
+    :func:`lib.core.stats.macro_ci` interval and ``n`` skills."""
+    from datasets import concatenate_datasets
+
+    L, E, names = st.localize, st.evaluation, st.names
+    fs = L.focus_sparsity
+    all_tests = concatenate_datasets([st.tests[s] for s in names])
+    rows, out = [], {}
+    for src in L.sources:
+        ref = {s: results[(src, "finetuned", 1.0, s)].accuracy for s in names}
+        full = {n: torch.ones_like(d, dtype=torch.bool) for n, d in st.deltas[src][names[0]].items()}
+        for kind, ms in ((MERGE_KINDS[0], [masks[(src, "graft", fs, s)] for s in names]),
+                         (MERGE_KINDS[1], [masks[(src, "magnitude", fs, s)] for s in names]),
+                         (MERGE_KINDS[2], [full] * len(names))):
+            w = G.union_graft(st.pre, [st.deltas[src][s] for s in names], ms)
+            res = score(st.model, st.tok, all_tests, st.pre, w, E)
+            norm, lo, hi = macro_ci(res.examples, ref, E.n_boot, seed=L.seed)
+            out[(src, kind)] = {"mean": norm, "lo": lo, "hi": hi, "n": len(names)}
+            rows.append({"system": f"{src}: {kind}", "normalised accuracy": norm, "lo": lo, "hi": hi,
+                         "mean accuracy": res.accuracy})
+    return pd.DataFrame(rows).sort_values("normalised accuracy", ascending=False), out
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def metrics(L, n_considered: int, names: Sequence[str], ft_acc: pd.DataFrame, recovery: dict, ov: Overlap,
+            calib: Mapping[str, dict], merge_res: Mapping[tuple, dict]) -> dict:
+    """``metrics/localize.json``: the sparsities, the number of considered parameters, each
+    source's fine-tuned accuracy per skill, recovery (:func:`recovery_summary`), the overlap
+    summary and its correlation with behaviour (loss transfer) for the main source with every
+    source under ``by_source``, calibration likewise, and the graft merge of
+    :func:`merge_source` with every system under ``by_source``. ``L``: the localize section."""
+    main, merge_src = ov.main_source, merge_source(L.sources)
+    fam, c = ov.family, ov.corr[main]["loss_transfer"]
+    return {
+        "sparsities": list(L.sparsities),
+        "considered_params": n_considered,
+        "finetuned_accuracy": {src: {s: float(ft_acc.loc[s, src]) for s in names} for src in L.sources},
+        "recovery": recovery,
+        "overlap": {"sparsity": L.focus_sparsity, "source": main, "mean_offdiag_jaccard": fam[main][0],
+                    "same_family_jaccard": fam[main][1], "cross_family_jaccard": fam[main][2],
+                    "random_expectation": ov.chance, "jaccard": ov.jaccard_ci[main], "random_jaccard": ov.random_ci[main],
+                    "corr_with_behaviour": {**{k: c[k] for k in ("r", "lo", "hi", "method", "p_permutation", "n_pairs")},
+                                            "behaviour": "loss transfer (symmetrised)"},
+                    "by_source": {src: {"mean_offdiag_jaccard": fam[src][0], "same_family_jaccard": fam[src][1],
+                                        "cross_family_jaccard": fam[src][2], "jaccard": ov.jaccard_ci[src],
+                                        "random_jaccard": ov.random_ci[src],
+                                        "corr_with_behaviour": {k: {kk: v[kk] for kk in ("r", "lo", "hi", "p_permutation")}
+                                                                for k, v in ov.corr[src].items()}}
+                                  for src in L.sources}},
+        "calibration": {**calib[main], "source": main, "by_source": dict(calib)},
+        "graft_merge": {"mean_normalised": merge_res[(merge_src, MERGE_KINDS[0])], "source": merge_src,
+                        "by_source": {f"{src}: {kind}": v for (src, kind), v in merge_res.items()}},
+    }

@@ -1,18 +1,11 @@
 """The skill library: a registry of small skills, looked up by the names in params.yaml.
 
-Adding a skill is one file in this package that calls ``register(Skill(...))``; every
-module here is imported on first use, so no other code changes (see README, "Adding a
-skill").
+Adding a skill is one file in this package that calls ``register(Skill(...))``; the
+registry (``base.SKILLS``) imports every module here on its first lookup, so no other code
+changes (see README, "Adding a skill").
 """
-import importlib
-import pkgutil
-
 from . import compose
 from .base import MalformedPrompt, Skill, all_skills, get_skill, register
-
-for _mod in pkgutil.iter_modules(__path__):
-    if _mod.name not in {"base", "compose"}:
-        importlib.import_module(f"{__name__}.{_mod.name}")
 
 
 def skill_of(prompt: str) -> str:

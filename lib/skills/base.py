@@ -1,4 +1,5 @@
-"""The Skill contract and the registry every stage looks skills up in.
+"""The Skill contract and the registry every stage looks skills up in (the project's one
+registry mechanism, :class:`lib.core.registry.Registry`).
 
 A skill turns an input string into an exact answer. Prompts have one fixed shape,
 ``"<name> <input> ="``, and the model is trained to continue with ``" <answer>"``
@@ -11,6 +12,8 @@ import random
 import re
 from dataclasses import dataclass
 from typing import Callable
+
+from lib.core.registry import Registry
 
 PROMPT_SUFFIX = " ="
 
@@ -59,27 +62,24 @@ class Skill:
         return self.apply(self.parse(prompt))
 
 
-_REGISTRY: dict[str, Skill] = {}
+# Skill names are the first word of a prompt and join composed names with ">", so no "_".
+SKILLS = Registry("skill", package="lib.skills", name_pattern=re.compile(r"[a-z][a-z0-9]*"),
+                  name_rule="lowercase letters and digits (starting with a letter)")
 
 
 def register(skill: Skill) -> Skill:
-    if not re.fullmatch(r"[a-z][a-z0-9]*", skill.name):
-        raise ValueError(f"skill names are lowercase alphanumeric, got {skill.name!r}")
-    if skill.name in _REGISTRY:
-        raise ValueError(f"skill {skill.name!r} is registered twice")
-    _REGISTRY[skill.name] = skill
+    """Add ``skill`` to the registry under its name (each skill module calls this on import)."""
+    SKILLS.add(skill.name, skill)
     return skill
 
 
 def get_skill(name: str) -> Skill:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise KeyError(f"unknown skill {name!r}; known skills: {', '.join(sorted(_REGISTRY))}") from None
+    """The skill named ``name``; an unknown name is a KeyError listing the known ones."""
+    return SKILLS[name]
 
 
 def all_skills() -> dict[str, Skill]:
-    return dict(_REGISTRY)
+    return {name: SKILLS[name] for name in SKILLS.names()}
 
 
 # Input domains shared by several skills.

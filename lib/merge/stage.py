@@ -1,0 +1,226 @@
+"""Stage 04 end to end, in the order notebook 04 shows it.
+
+:func:`setup` loads everything once (the peft model holding every expert and joint LoRA, a
+clean base for merged weights, the task vectors, the test and validation sets) into a
+:class:`MergeRoute`; each ``score_*`` call builds one family of systems and scores it on the
+shared :class:`lib.core.bench.Bench`; :func:`metrics` turns the finished leaderboard into
+``metrics/merge_route.json``. The notebook only calls these and shows what they return.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from lib.core import data
+from lib.core.bench import Bench, System, lora_parameters, seed_everything, timed
+from lib.core.evaluation import BASE_ADAPTER
+from lib.core.modeling import load_on_device
+from lib.experts import adapters as X
+from lib.merge import leaderboard as MR, task_vectors as M
+from lib.route.routers import ROUTERS
+
+KIND_ORDER = {"base": 0, "expert": 1, "joint": 2, "merge": 3, "peft_merge": 4, "router": 5}
+
+
+@dataclass
+class MergeRoute:
+    """What every part of stage 04 shares. ``cache`` holds what several routers reuse (the
+    trained task router); ``found`` what the metrics need from each step."""
+
+    S: Any
+    E: Any
+    P: Any
+    dirs: dict[str, Path]
+    peft_model: Any
+    tok: Any
+    base: Any
+    tests: dict
+    val: dict
+    bench: Bench
+    tvs: dict
+    tv_s: float
+    cache: dict = field(default_factory=dict)
+    found: dict = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.S.train)
+
+    @property
+    def joints(self) -> list[str]:
+        return [n for n in self.dirs if n.startswith("joint_")]
+
+
+def setup(cfg: dict) -> MergeRoute:
+    """Load stage 04's inputs from the project root (the current directory)."""
+    S, E, P = cfg["skills"], cfg["evaluation"], cfg["merge_route"]
+    seed_everything(P.seed)
+    dirs = X.adapter_dirs(".", S.train)
+    peft_model, tok = X.load_with_adapters("models/base", dirs)  # every expert and the joint LoRAs, side by side
+    base, _ = load_on_device("models/base")  # a clean copy for merged weights
+    tests = data.test_sets(".", S)
+    val = data.test_sets(".", S, split="validation")
+    tvs, tv_s = timed(lambda: M.task_vectors(peft_model, list(S.train)))
+    return MergeRoute(S, E, P, dirs, peft_model, tok, base, tests, val, Bench(tok, tests, E), tvs, tv_s)
+
+
+def _adapter_system(st: MergeRoute, name: str, kind: str, adapter: str) -> System:
+    return System(name, kind, st.peft_model, extra_params=lora_parameters(st.peft_model, [adapter]),
+                  adapter_names=lambda d: [adapter] * len(d))
+
+
+def score_references(st: MergeRoute) -> dict[str, float]:
+    """The base, each expert alone and the joint LoRAs; returns each expert's accuracy on its
+    own skill (the denominator of normalised accuracy)."""
+    st.bench.score(System("base", "base", st.peft_model, adapter_names=lambda d: [BASE_ADAPTER] * len(d)))
+    for s in st.names:
+        st.bench.score(_adapter_system(st, f"expert:{s}", "expert", s))
+    for j in st.joints:
+        st.bench.score(_adapter_system(st, j, "joint", j))
+    per = st.bench.per_skill()
+    st.found["expert_acc"] = {s: float(per[(per.system == f"expert:{s}") & (per.skill == s)].accuracy.iloc[0])
+                              for s in st.names}
+    return st.found["expert_acc"]
+
+
+def score_merges(st: MergeRoute) -> pd.DataFrame:
+    """Every ΔW merge at its λ chosen on validation; returns the λ curves (one row per method and λ)."""
+    curves, st.found["merged_by"] = [], {}
+    for method in st.P.merges:
+        found = MR.merge_on_validation(st.base, st.tok, st.tvs, method, st.P, st.val["skills"], st.E)
+        curves.append(found["curve"].assign(method=method))
+        st.found["merged_by"][method] = found["merged"]
+        # Build time: the merge at the chosen λ, plus the task vectors every method shares.
+        st.bench.score(System(f"merge:{method}", "merge", found["model"], build_s=found["build_s"] + st.tv_s,
+                              info={"lam": found["lam"]}))
+    st.found["chosen_lambda"] = {m: st.bench.systems[f"merge:{m}"].info["lam"] for m in st.P.merges}
+    st.found["lam_curves"] = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(
+        columns=["lam", "val_accuracy", "build_s", "method"])
+    return st.found["lam_curves"]
+
+
+def score_refactored(st: MergeRoute) -> dict | None:
+    """The best ΔW merge (highest validation accuracy) re-factored to a LoRA of rank
+    ``refactor_rank`` by truncated SVD; its relative Frobenius distance to the exact merge."""
+    st.found["refactor"] = None
+    curves, rank = st.found.get("lam_curves"), st.P.refactor_rank
+    if not rank or curves is None or not len(curves):
+        return None
+    best = max(st.P.merges, key=lambda m: curves[curves.method == m].val_accuracy.max())
+    exact = st.found["merged_by"][best]
+    lora_model, secs = timed(lambda: M.merged_lora_model(st.base, exact, rank))
+    dist = M.relative_frobenius_distance(M.task_vectors(lora_model, ["merged"])["merged"], exact)
+    st.bench.score(System(f"merge:{best}→lora{rank}", "merge", lora_model, extra_params=lora_parameters(lora_model, ["merged"]),
+                          build_s=secs, info={"distance_to_exact": dist}))
+    st.found["refactor"] = {"method": best, "rank": rank, "distance_to_exact": dist}
+    return st.found["refactor"]
+
+
+def score_peft_merges(st: MergeRoute) -> pd.DataFrame:
+    """peft's ``add_weighted_adapter`` types, weight chosen on validation; the table of their
+    distances to the exact ΔW merge each approximates."""
+    rows = []
+    for ctype in st.P.peft_merges:
+        found = MR.peft_merge_on_validation(st.peft_model, st.tok, st.tvs, st.names, ctype, st.P, st.val["skills"], st.E)
+        st.bench.score(System(f"peft:{ctype}", "peft_merge", st.peft_model,
+                              extra_params=lora_parameters(st.peft_model, [found["adapter"]]), build_s=found["build_s"],
+                              adapter_names=lambda d, n=found["adapter"]: [n] * len(d), info=found))
+        rows.append({k: found[k] for k in ("type", "lam", "exact_counterpart", "distance_to_exact")})
+    st.found["peft"] = pd.DataFrame(rows, columns=["type", "lam", "exact_counterpart", "distance_to_exact"])
+    return st.found["peft"]
+
+
+def score_routers(st: MergeRoute, names: list[str] | None = None) -> list[str]:
+    """Build and score every router in ``names`` (default ``merge_route.routers``), each from
+    its registered file in ``lib/route/routers``; returns the systems scored."""
+    scored = []
+    for name in st.P.routers if names is None else names:
+        for system in ROUTERS[name](st):
+            st.bench.score(system)
+            scored.append(system.name)
+    return scored
+
+
+def lorahub_weights(st: MergeRoute) -> dict[str, dict[str, float]]:
+    """LoraHub's searched weights per target (from the systems the ``lorahub`` router built)."""
+    return {name.split("→", 1)[1]: s.info["weights"] for name, s in st.bench.systems.items() if name.startswith("lorahub→")}
+
+
+def leaderboard(st: MergeRoute, out_dir: str = "plots") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(leaderboard, per-skill table), both also written to ``out_dir`` as CSV."""
+    board = st.bench.leaderboard(st.found["expert_acc"])
+    per_skill = st.bench.per_skill()
+    os.makedirs(out_dir, exist_ok=True)
+    board.to_csv(f"{out_dir}/merge_route_leaderboard.csv", index=False)
+    per_skill.to_csv(f"{out_dir}/merge_route_per_skill.csv", index=False)
+    if "lam_curves" in st.found:
+        st.found["lam_curves"].to_csv(f"{out_dir}/merge_lambda.csv", index=False)
+    return board, per_skill
+
+
+def readable(board: pd.DataFrame) -> pd.DataFrame:
+    """The leaderboard for reading: each accuracy as ``value [lo, hi]``, rows grouped by kind."""
+    show = board.copy()
+
+    def fmt(r, k, lo=None):
+        lo = lo or k
+        return f"{r[k]:.3f} [{r[lo + '_lo']:.2f}, {r[lo + '_hi']:.2f}]" if pd.notna(r.get(k)) else ""
+
+    for k, lo in (("mean_acc", "mean"), ("norm_acc", "norm"), ("composed", None), ("heldout", None)):
+        if k in board:
+            show[k] = [fmt(r, k, lo) for _, r in board.iterrows()]
+    cols = ["system", "kind", "mean_acc", "norm_acc", "composed", "heldout", "extra_params", "build_s", "tokens_per_s_rel"]
+    show = show[[c for c in cols if c in show]]
+    return show.sort_values("kind", key=lambda k: k.map(KIND_ORDER), kind="stable").round(3)
+
+
+def metrics(st: MergeRoute, board: pd.DataFrame, router: dict | None) -> dict:
+    """``metrics/merge_route.json``: per system its accuracies (with intervals) and costs, the
+    chosen λ, the peft distances, the re-factored merge, the router analysis, LoraHub's weights."""
+
+    def clean(v):  # io.write_json turns NaN into null
+        return round(v, 4) if isinstance(v, float) else v
+
+    merges = board[board.kind == "merge"]
+    peft = st.found.get("peft")
+    return {
+        "systems": {r["system"]: {k: clean(r[k]) for k in board.columns if k != "system"} for _, r in board.iterrows()},
+        "expert_own": st.found["expert_acc"],
+        "chosen_lambda": st.found.get("chosen_lambda", {}),
+        # max() over rows, not idxmax: with every normalised accuracy NaN (experts at 0, as in
+        # the smoke profile) it still names the first merge, and the accuracy below is null.
+        "best_merge": max((r for _, r in merges.iterrows()), key=lambda r: r.norm_acc)["system"] if len(merges) else None,
+        "best_merge_norm_acc": float(merges.norm_acc.max()) if len(merges) else None,
+        "peft_distance_to_exact": {} if peft is None else {r["type"]: round(float(r["distance_to_exact"]), 4) for _, r in peft.iterrows()},
+        "refactor": st.found.get("refactor"), "router": router, "lorahub_weights": lorahub_weights(st),
+        "diagnostics": st.found.get("diagnostics"),
+    }
+
+
+def diagnose(st: MergeRoute) -> dict:
+    """Why the merges interfere: the cosine matrix of the task vectors and the weight
+    disentanglement error on the first ``diagnostics.pairs`` skill pairs (validation prompts)."""
+    from itertools import combinations, islice
+
+    from lib.merge import diagnostics as DG
+
+    D = st.P.diagnostics
+    cos = DG.cosine_matrix(st.tvs)
+    val = st.val["skills"]
+    rows = {s: [i for i, x in enumerate(val["skill"]) if x == s][:D.n_prompts] for s in st.names}
+    prompts = {s: val.select(rows[s]) for s in st.names}
+    pairs = list(islice(combinations(st.names, 2), D.pairs))
+    error = DG.disentanglement_error(st.base, st.tok, st.tvs, prompts, pairs, D.grid, st.E) if pairs else pd.DataFrame(
+        columns=["task_a", "task_b", "alpha_a", "alpha_b", "task", "error"])
+    off = cos.values[~np.eye(len(cos), dtype=bool)]
+    st.found["diagnostics"] = {
+        "cosine": {"mean_offdiag": float(off.mean()), "max_offdiag": float(off.max()), "min_offdiag": float(off.min())},
+        "disentanglement_error": {f"{a:g},{b:g}": float(v) for (a, b), v in
+                                  error.groupby(["alpha_a", "alpha_b"]).error.mean().items()} if len(error) else {},
+        "pairs": len(pairs)}
+    return {"cosine": cos, "error": error}

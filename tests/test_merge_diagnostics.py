@@ -1,0 +1,47 @@
+"""Task-vector geometry and weight disentanglement (lib/merge/diagnostics.py) on tiny tensors and a tiny model."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import peaked_tiny_llama
+from lib.core.config import EvalParams, make
+from lib.core.tokenization import build_char_tokenizer
+from lib.merge import diagnostics as D
+
+Q = "model.layers.0.self_attn.q_proj"
+V = "model.layers.0.self_attn.v_proj"
+
+
+def test_cosine_matrix_is_the_formula():
+    a = {Q: torch.tensor([[1.0, 0.0]]), V: torch.tensor([0.0, 0.0])}
+    b = {Q: torch.tensor([[0.0, 2.0]]), V: torch.tensor([0.0, 0.0])}
+    c = {Q: torch.tensor([[-3.0, 0.0]]), V: torch.tensor([0.0, 0.0])}
+    d = {Q: torch.tensor([[1.0, 1.0]]), V: torch.tensor([1.0, 1.0])}
+    cos = D.cosine_matrix({"a": a, "b": b, "c": c, "d": d})
+    assert cos.loc["a", "a"] == pytest.approx(1.0) and cos.loc["a", "b"] == pytest.approx(0.0)
+    assert cos.loc["a", "c"] == pytest.approx(-1.0) and cos.loc["a", "d"] == pytest.approx(0.5)
+    assert (cos.values == cos.values.T).all()
+    with pytest.raises(ValueError, match="same modules"):
+        D.cosine_matrix({"a": a, "e": {Q: a[Q]}})
+
+
+def test_disentanglement_error_is_zero_for_a_null_vector_and_positive_for_a_large_one():
+    tok = build_char_tokenizer()
+    base = peaked_tiny_llama(tok)
+    torch.manual_seed(0)
+    shape = {n: base.get_submodule(n).weight.shape for n in (Q, V)}
+    tau = {n: 0.5 * torch.randn(s) for n, s in shape.items()}
+    zero = {n: torch.zeros(s) for n, s in shape.items()}
+    big = {n: 20 * torch.randn(s) for n, s in shape.items()}
+    prompts = {t: [{"prompt": f"inc {i}{i + 3} =", "answer": "1", "skill": "inc"} for i in range(6)] for t in ("a", "b", "c")}
+    E = make(EvalParams, batch_size=8, n_boot=100)
+    # Adding a zero vector changes nothing on task a's prompts, at every coefficient; on task
+    # b's prompts the merged model is θ0 + α τ_a against θ0 alone, which can differ.
+    t = D.disentanglement_error(base, tok, {"a": tau, "b": zero}, prompts, [("a", "b")], [0.5, 1.0], E)
+    assert len(t) == 2 * 2 * 2 and (t[t.task == "a"].error == 0).all()
+    # A large unrelated vector changes the answers on task a's prompts.
+    t = D.disentanglement_error(base, tok, {"a": tau, "c": big}, prompts, [("a", "c")], [1.0], E)
+    assert t[t.task == "a"].error.iloc[0] > 0
+    summary = D.disentanglement_summary(t)
+    assert summary.shape == (1, 1) and 0 < summary.iloc[0, 0] <= 1
