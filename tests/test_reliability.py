@@ -89,6 +89,13 @@ BAD_PARAMS = [
     _row("sparsity 0", "localize.sparsities", [0.0, 0.1], ["0.0", "(0, 1]"]),
     _row("sparsity above 1", "localize.sparsities", [1.5], ["1.5", "(0, 1]"]),
     _row("density above 1", "merge_route.density", 1.2, ["1.2", "less than or equal to 1"]),
+    # Cross-field errors name the fields involved, never the whole section's value.
+    _row("cross-field, heads", "model.num_heads", 3, ["model.hidden_size, model.num_heads:", "divisible by num_heads 3"]),
+    _row("cross-field, breadcrumbs", "merge_route.beta", 0.9, ["merge_route.beta, merge_route.density:", "beta + density <= 1"]),
+    _row("cross-field, focus sparsity", "localize.focus_sparsity", 0.5,
+         ["localize.focus_sparsity, localize.sparsities:", "must be one of sparsities"]),
+    _row("cross-field, held out and trained", "skills.heldout", [TRAIN[0]],
+         ["skills.train, skills.heldout:", "both trained on and held out"]),
 ]
 
 
@@ -123,6 +130,38 @@ def test_bad_param_stops_the_stage_with_one_message(workdir, capsys, key, value,
     # Validation comes before any work.
     for out in ("reports", "models", "datasets", "metrics"):
         assert not (workdir / out).exists(), out
+
+
+def test_cross_field_errors_do_not_print_the_section():
+    with pytest.raises(config.ParamsError) as e:
+        config.make(config.ModelParams, hidden_size=32, num_heads=3)
+    assert "{" not in str(e.value) and "pretrain_steps" not in str(e.value), str(e.value)
+
+
+def _break_yaml(text: str, how: str) -> tuple[str, int]:
+    """params.yaml with a syntax error or a key given twice; returns the text and the bad line."""
+    lines = text.splitlines()
+    i = next(k for k, line in enumerate(lines) if line.startswith("  rank:"))
+    if how == "syntax":
+        lines[i] = "  rank: [8"
+    else:
+        lines.insert(i + 1, lines[i].replace("8", "4"))
+        i += 1
+    return "\n".join(lines) + "\n", i + 1
+
+
+@pytest.mark.parametrize("how,needle", [("syntax", "YAML syntax error"), ("duplicate", "key 'rank' is given twice")])
+def test_broken_params_yaml_is_one_line_with_file_line_and_column(workdir, capsys, how, needle):
+    params = workdir / "params.yaml"
+    text, line = _break_yaml(params.read_text(), how)
+    params.write_text(text)
+    rc = run_stage.main(["experts", "--workdir", str(workdir)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith(f"error: {params}:") and needle in err[0], err[0]
+    if how == "duplicate":
+        assert f"{params}:{line}:" in err[0] and f"first on line {line - 1}" in err[0], err[0]
+    assert "Traceback" not in err[0]
 
 
 def test_bad_param_stops_a_training_step_with_one_message(workdir, capsys, monkeypatch):

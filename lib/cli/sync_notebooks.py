@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import nbformat
-import yaml
 
+from lib.core.config import read_yaml
 from lib.core.stages import STAGES
 
 REPO = Path(__file__).resolve().parents[2]
@@ -24,7 +24,7 @@ HEADER = [
 
 
 def sync(params: Path = REPO / "params.yaml") -> list[Path]:
-    values = yaml.safe_load(params.read_text())
+    values = read_yaml(params)
     changed = []
     for stage in STAGES.values():
         path = REPO / "notebooks" / stage.notebook

@@ -22,6 +22,15 @@ class ParamsError(ValueError):
     """A params.yaml value that cannot be used; the message says which and what is allowed."""
 
 
+class Conflict(ValueError):
+    """Fields of one section that are valid alone but not together; the error names only them
+    (not the whole section)."""
+
+    def __init__(self, message: str, *fields: str):
+        super().__init__(message)
+        self.fields = fields
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -68,7 +77,7 @@ class SkillsParams(Section):
     def _disjoint(self):
         both = set(self.train) & set(self.heldout)
         if both:
-            raise ValueError(f"skills cannot be both trained on and held out: {sorted(both)}")
+            raise Conflict(f"skills cannot be both trained on and held out: {sorted(both)}", "train", "heldout")
         return self
 
     def level(self, skill: str) -> int:
@@ -109,7 +118,8 @@ class SynthesizeParams(Section):
     @model_validator(mode="after")
     def _teacher_needs_model(self):
         if self.source == "teacher" and not self.teacher.model:
-            raise ValueError("source is 'teacher' but teacher.model is not set: give a local path or hub id")
+            raise Conflict("source is 'teacher' but teacher.model is not set: give a local path or hub id",
+                           "source", "teacher.model")
         return self
 
 
@@ -132,7 +142,8 @@ class ModelParams(Section):
     @model_validator(mode="after")
     def _heads_divide(self):
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}")
+            raise Conflict(f"hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}",
+                           "hidden_size", "num_heads")
         return self
 
 
@@ -261,7 +272,8 @@ class MergeRouteParams(Section):
     @model_validator(mode="after")
     def _beta_density(self):
         if "breadcrumbs" in self.merges and self.beta + self.density > 1:
-            raise ValueError(f"breadcrumbs needs beta + density <= 1, got beta={self.beta}, density={self.density}")
+            raise Conflict(f"breadcrumbs needs beta + density <= 1, got beta={self.beta}, density={self.density}",
+                           "beta", "density")
         return self
 
 
@@ -353,8 +365,9 @@ class ContinualParams(Section):
     def _curve_fits(self):
         window = -int(-self.gap_window * self.steps_per_task // 1)  # ceil
         if self.eval_every > window:
-            raise ValueError(f"eval_every {self.eval_every} > gap_window · steps_per_task = {window}: no evaluation "
-                             "just after a task switch, so no stability gap; lower eval_every")
+            raise Conflict(f"eval_every {self.eval_every} > gap_window · steps_per_task = {window}: no evaluation "
+                           "just after a task switch, so no stability gap; lower eval_every",
+                           "eval_every", "gap_window", "steps_per_task")
         return self
 
 
@@ -419,7 +432,8 @@ class LocalizeParams(Section):
     @model_validator(mode="after")
     def _focus(self):
         if self.focus_sparsity not in self.sparsities:
-            raise ValueError(f"focus_sparsity {self.focus_sparsity} must be one of sparsities {self.sparsities}")
+            raise Conflict(f"focus_sparsity {self.focus_sparsity} must be one of sparsities {self.sparsities}",
+                           "focus_sparsity", "sparsities")
         return self
 
 
@@ -450,6 +464,9 @@ def _describe(err: dict, schema: type[BaseModel], section: str) -> str:
     if err["type"] == "missing":
         return f"{loc}: required key is missing"
     msg = err["msg"].removeprefix("Value error, ")
+    conflict = (err.get("ctx") or {}).get("error")
+    if isinstance(conflict, Conflict):  # name the fields involved, not the whole section's value
+        return ", ".join(f"{loc}.{f}" for f in conflict.fields) + f": {msg}"
     return f"{loc}: bad value {value!r}: {msg}"
 
 
@@ -474,19 +491,56 @@ def deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (PyYAML
+    keeps the last value silently; DVC refuses the file, so the stage runner must too)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise _DuplicateKey(f"{line}:{key_node.start_mark.column + 1}: key {key!r} is given twice "
+                                    f"(first on line {seen[key]}); keep one")
+            seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: str | Path) -> Any:
+    """A YAML file, with one-line errors: ``file:line:column: what is wrong`` for a syntax
+    error (instead of PyYAML's traceback) and for a key given twice in one mapping."""
+    path = Path(path)
+    try:
+        return yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+    except _DuplicateKey as e:
+        raise ParamsError(f"{path}:{e}") from None
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{mark.line + 1}:{mark.column + 1}" if mark else "?"
+        what = " ".join(x for x in (e.context, e.problem) if x)
+        raise ParamsError(f"{path}:{where}: YAML syntax error: {what}") from None
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path}: YAML error: {e}") from None
+
+
 def read_params(path: str | Path = "params.yaml", profile: str | Path | None = None) -> dict:
     """Raw params.yaml, optionally with a profile override file merged on top."""
     path = Path(path)
     if not path.exists():
         raise ParamsError(f"{path}: no such params file")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = read_yaml(path) or {}
     if profile:
         prof = Path(profile)
         if not prof.exists():
             prof = path.parent / "profiles" / f"{profile}.yaml"
         if not prof.exists():
             raise ParamsError(f"profile {profile!r} not found (looked for {profile} and {prof})")
-        raw = deep_merge(raw, yaml.safe_load(prof.read_text()) or {})
+        raw = deep_merge(raw, read_yaml(prof) or {})
     return raw
 
 

@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
+from lib.core.config import read_yaml
 from lib.core.io import read_json
 
 REPO = Path(__file__).resolve().parents[2]
@@ -32,7 +32,7 @@ RECIPE_KEYS = {
 def recipe_row(root: str | Path, note: str = "") -> dict:
     """One row from a finished run in ``root``: its recipe params and measured results."""
     root = Path(root)
-    params = yaml.safe_load((root / "params.yaml").read_text())
+    params = read_yaml(root / "params.yaml")
     row: dict = {}
     for section, keys in RECIPE_KEYS.items():
         for k in keys:
