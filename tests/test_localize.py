@@ -171,8 +171,10 @@ def test_considered_parameters_are_the_blocks_linear_weights(tiny):
     assert len(names) == 7 * model.config.num_hidden_layers
     assert all(n.endswith(".weight") and n.split(".")[-2] in TARGETS for n in names)
     assert not any("embed" in n or "lm_head" in n or "norm" in n for n in names)
-    with pytest.raises(config.ParamsError, match="matches no linear layer"):
+    with pytest.raises(config.ParamsError, match=r"\['nonexistent_proj'\] is not a linear layer.*q_proj"):
         considered_names(model, ["nonexistent_proj"])
+    with pytest.raises(config.ParamsError, match=r"\['qproj'\] is not a linear layer"):  # one typo among good names
+        considered_names(model, ["q_proj", "qproj", "v_proj"])
 
 
 def test_completion_loss_equals_the_models_own_loss_on_answer_tokens(tiny):

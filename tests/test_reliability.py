@@ -89,6 +89,8 @@ BAD_PARAMS = [
     _row("sparsity 0", "localize.sparsities", [0.0, 0.1], ["0.0", "(0, 1]"]),
     _row("sparsity above 1", "localize.sparsities", [1.5], ["1.5", "(0, 1]"]),
     _row("density above 1", "merge_route.density", 1.2, ["1.2", "less than or equal to 1"]),
+    _row("infinite rate", "experts.lr", float("inf"), ["inf", "finite number"]),
+    _row("nan rate", "continual.full_lr", float("nan"), ["nan", "finite number"]),
     # Cross-field errors name the fields involved, never the whole section's value.
     _row("cross-field, heads", "model.num_heads", 3, ["model.hidden_size, model.num_heads:", "divisible by num_heads 3"]),
     _row("cross-field, breadcrumbs", "merge_route.beta", 0.9, ["merge_route.beta, merge_route.density:", "beta + density <= 1"]),

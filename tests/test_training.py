@@ -19,7 +19,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import make_workdir
 from lib.core.config import make as make_params
-from lib.core import data
+from lib.core import config, data
 from lib.synth import datasets as synth
 from lib.experts import adapters as experts, train as train_expert
 from lib.core import training
@@ -351,6 +351,38 @@ def test_train_lora_stops_early_and_records_the_steps_it_ran(tmp_path, scratch_b
 # --------------------------------------------------------------------------- 5. adapter loading
 
 
+def test_a_target_module_typo_is_an_error_before_training(tmp_path, scratch_base):
+    *_, base = scratch_base
+    e = EXPERT.model_copy(update={"target_modules": ["q_proj", "qproj"]})
+    with pytest.raises(config.ParamsError, match=r"experts.target_modules: \['qproj'\] is not a linear layer.*v_proj"):
+        training.train_lora(base, skill_sets()["reverse"]["train"], e, e.steps, 0, tmp_path / "typo", progress=False)
+    assert not (tmp_path / "typo").exists()
+
+
+def test_a_diverging_run_is_an_error_and_leaves_no_adapter(tmp_path, scratch_base):
+    """A learning rate that blows the weights up must never look like convergence."""
+    *_, base = scratch_base
+    e = EXPERT.model_copy(update={"lr": 1e30, "stop_loss": 0.5})
+    with pytest.raises(training.TrainingDiverged, match="diverged; lower the learning rate"):
+        training.train_lora(base, skill_sets()["reverse"]["train"], e, e.steps, 0, tmp_path / "nan", progress=False)
+    assert not (tmp_path / "nan").exists()
+
+
+def test_finite_loss_guard_and_check_on_constructed_inputs():
+    from types import SimpleNamespace
+
+    guard, state, args = training.FiniteLossGuard(), SimpleNamespace(global_step=7), SimpleNamespace(learning_rate=1.0)
+    guard.on_log(args, state, None, logs={"loss": 0.5})
+    with pytest.raises(training.TrainingDiverged, match="became nan at step 7"):
+        guard.on_log(args, state, None, logs={"loss": float("nan")})
+    layer = torch.nn.Linear(2, 2)
+    training.check_finite(layer, "ok")
+    with torch.no_grad():
+        layer.weight[0, 0] = float("inf")
+    with pytest.raises(training.TrainingDiverged, match="1 trained weight tensors hold NaN or inf"):
+        training.check_finite(layer, "x")
+
+
 def test_missing_adapter_config_is_an_adapter_error(tmp_path, scratch_base, trained):
     _, _, base = scratch_base
     empty = tmp_path / "empty_adapter"
@@ -382,6 +414,15 @@ def test_truncated_adapter_weights_are_an_adapter_error(tmp_path, scratch_base, 
     with pytest.raises(experts.AdapterError) as err:
         experts.load_with_adapters(base, {"reverse": trained[0], "bad": bad})
     assert str(bad) in str(err.value)
+
+
+def test_an_adapter_trained_with_other_params_is_refused_naming_the_keys(scratch_base, trained):
+    *_, base = scratch_base
+    out, _, _ = trained
+    experts.load_with_adapters(base, {"reverse": out}, EXPERT)  # the recipe it was trained with
+    other = EXPERT.model_copy(update={"rank": EXPERT.rank * 2, "steps": EXPERT.steps + 5})
+    with pytest.raises(experts.AdapterError, match=r"trained with other params.*experts.rank .*experts.steps"):
+        experts.load_with_adapters(base, {"reverse": out}, other)
 
 
 def test_two_adapters_load_side_by_side(scratch_base, trained, second_adapter):

@@ -324,7 +324,7 @@ class Study:
             from lib.merge import task_vectors as M
 
             dirs = {t: self.root / "models" / "experts" / t for t in self.tasks}
-            peft_model, _ = load_with_adapters(self.root / "models" / "base", dirs)
+            peft_model, _ = load_with_adapters(self.root / "models" / "base", dirs, self.e)
             infos = {t: json.loads((d / "train_info.json").read_text()) for t, d in dirs.items()}
             self._library = {
                 "model": peft_model, "tvs": M.task_vectors(peft_model, self.tasks),

@@ -32,7 +32,9 @@ class Conflict(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: ".inf" or ".nan" in params.yaml is refused for every float field
+    # (an infinite learning rate trains NaN weights that would otherwise look converged).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def _skill_list(names: list[str], what: str = "skill") -> list[str]:

@@ -80,6 +80,46 @@ class LossThresholdStop(TrainerCallback):
         return control
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss or a trained weight became NaN or infinite: the run is refused, never saved."""
+
+
+class FiniteLossGuard(TrainerCallback):
+    """Stop with :class:`TrainingDiverged` as soon as a logged loss is NaN or infinite, so a
+    diverged run cannot look like convergence (a NaN loss never passes the early-stop rule,
+    but a run could still finish and be saved)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            raise TrainingDiverged(f"the training loss became {loss} at step {state.global_step} (learning rate "
+                                   f"{args.learning_rate}): training diverged; lower the learning rate")
+        return control
+
+
+def check_finite(model, what: str) -> None:
+    """Every trainable weight of ``model`` finite, else :class:`TrainingDiverged` naming how many are not."""
+    bad = [n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+    if bad:
+        raise TrainingDiverged(f"{what}: {len(bad)} trained weight tensors hold NaN or inf after training "
+                               f"(e.g. {bad[0]}): training diverged; lower the learning rate")
+
+
+def check_target_modules(model, targets, key: str = "experts.target_modules") -> list[str]:
+    """Each name in ``targets`` must be the last name part of at least one linear layer of
+    ``model`` (as peft matches them); a name that matches nothing is a ParamsError listing the
+    model's linear layer names (peft itself only fails when *no* name matches, so a typo in
+    one of several names would silently train fewer modules)."""
+    from lib.core.config import ParamsError
+
+    linear = {n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+    unknown = [t for t in targets if t not in linear]
+    if unknown:
+        raise ParamsError(f"{key}: {unknown} {'is' if len(unknown) == 1 else 'are'} not a linear layer of the model; "
+                          f"its linear layers are {sorted(linear)}")
+    return list(targets)
+
+
 def loss_history(trainer) -> pd.DataFrame:
     rows = [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h]
     return pd.DataFrame(rows)
@@ -238,6 +278,7 @@ def train_lora(base_dir: Path, train: Dataset, e, steps: int, seed: int, out_dir
     from lib.core.sft import LeanSFTTrainer
 
     model, tok = load_on_device(base_dir)
+    check_target_modules(model, e.target_modules)
     tok.padding_side = "right"
     plain_text = "text" in train.column_names and "prompt" not in train.column_names
     lora = LoraConfig(r=e.rank, lora_alpha=e.alpha, lora_dropout=e.dropout, target_modules=list(e.target_modules),
@@ -276,10 +317,11 @@ def train_lora(base_dir: Path, train: Dataset, e, steps: int, seed: int, out_dir
         stop = LossThresholdStop(e.stop_loss, e.stop_window) if e.stop_loss else None
         rows = train if plain_text else sft_rows(train)
         trainer = LeanSFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tok, peft_config=lora,
-                                 callbacks=[stop] if stop else None)
+                                 callbacks=[FiniteLossGuard(), *([stop] if stop else [])])
         t0 = time.perf_counter()
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         seconds = time.perf_counter() - t0
+        check_finite(trainer.model, str(out_dir))
         hist = loss_history(trainer)
         info = {
             "steps": steps, "steps_run": trainer.state.global_step, "stopped_early": bool(stop and stop.stopped_at),

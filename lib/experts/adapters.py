@@ -29,8 +29,26 @@ def adapter_dirs(root: str | Path, skills: list[str]) -> dict[str, Path]:
     return dirs
 
 
-def load_with_adapters(base_dir: str | Path, dirs: dict[str, Path]):
-    """(peft model holding every adapter, tokenizer); a missing or mismatched adapter is a clear error."""
+def check_recipe(path: Path, experts) -> None:
+    """The adapter in ``path`` was trained with the ``experts`` params in force now (its
+    ``params.json``), else AdapterError naming the keys that differ. Under DVC a changed param
+    reruns the training; run by hand, a stage would otherwise score a stale adapter silently."""
+    try:
+        saved = json.loads((path / "params.json").read_text()).get("experts")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        raise AdapterError(f"{path}/params.json is missing or unreadable: cannot tell which recipe trained this "
+                           "adapter; retrain it (dvc repro)") from None
+    now = experts.model_dump(mode="json")
+    diff = sorted(k for k in set(saved or {}) | set(now) if (saved or {}).get(k) != now.get(k))
+    if diff:
+        parts = ", ".join(f"experts.{k} {(saved or {}).get(k)!r} there, {now.get(k)!r} in params.yaml" for k in diff)
+        raise AdapterError(f"{path}: trained with other params than params.yaml's ({parts}); retrain it "
+                           "(dvc repro) or restore those params")
+
+
+def load_with_adapters(base_dir: str | Path, dirs: dict[str, Path], experts=None):
+    """(peft model holding every adapter, tokenizer); a missing or mismatched adapter is a clear
+    error, and so is one trained with other ``experts`` params than these (when given)."""
     from peft import PeftModel
 
     base, tok = load_on_device(base_dir)
@@ -40,6 +58,8 @@ def load_with_adapters(base_dir: str | Path, dirs: dict[str, Path]):
         if not (path / "adapter_config.json").exists():
             raise AdapterError(f"{path}: no adapter here (adapter_config.json missing); run its stage 03 step")
         check_adapter_files(path)
+        if experts is not None:
+            check_recipe(path, experts)
         try:
             if model is None:
                 model = PeftModel.from_pretrained(base, str(path), adapter_name=name)

@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 
 from lib.core import config, data
-from lib.core.training import LossThresholdStop, count_parameters, loss_history, publish_run, sft_rows, trainer_args
+from lib.core.training import (FiniteLossGuard, LossThresholdStop, check_finite, check_target_modules, count_parameters,
+                                loss_history, publish_run, sft_rows, trainer_args)
 
 
 def considered_names(model, target_modules) -> list[str]:
@@ -33,13 +34,9 @@ def considered_names(model, target_modules) -> list[str]:
     transformer blocks whose last name part is one of ``target_modules`` (never ``lm_head``)."""
     import torch
 
-    targets = set(target_modules)
-    names = [f"{name}.weight" for name, mod in model.named_modules()
-             if isinstance(mod, torch.nn.Linear) and name.split(".")[-1] in targets and name != "lm_head"]
-    if not names:
-        raise config.ParamsError(f"experts.target_modules {sorted(targets)} matches no linear layer of the model; "
-                                 f"its linear layers are {sorted({n.split('.')[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})}")
-    return names
+    targets = set(check_target_modules(model, target_modules))
+    return [f"{name}.weight" for name, mod in model.named_modules()
+            if isinstance(mod, torch.nn.Linear) and name.split(".")[-1] in targets and name != "lm_head"]
 
 
 def train_full(base_dir: Path, train, f, target_modules, out_dir: Path, progress: bool = True,
@@ -64,10 +61,11 @@ def train_full(base_dir: Path, train, f, target_modules, out_dir: Path, progress
         )
         stop = LossThresholdStop(f.stop_loss, f.stop_window) if f.stop_loss else None
         trainer = LeanSFTTrainer(model=model, args=args, train_dataset=sft_rows(train), processing_class=tok,
-                                 callbacks=[stop] if stop else None)
+                                 callbacks=[FiniteLossGuard(), *([stop] if stop else [])])
         t0 = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - t0
+        check_finite(trainer.model, str(out_dir))
         tok.padding_side = "left"
         tok.save_pretrained(str(tmp))
         hist = loss_history(trainer)

@@ -58,10 +58,10 @@ class MergeRoute:
 
 def setup(cfg: dict) -> MergeRoute:
     """Load stage 04's inputs from the project root (the current directory)."""
-    S, E, P = cfg["skills"], cfg["evaluation"], cfg["merge_route"]
+    S, EX, E, P = cfg["skills"], cfg["experts"], cfg["evaluation"], cfg["merge_route"]
     seed_everything(P.seed)
     dirs = X.adapter_dirs(".", S.train)
-    peft_model, tok = X.load_with_adapters("models/base", dirs)  # every expert and the joint LoRAs, side by side
+    peft_model, tok = X.load_with_adapters("models/base", dirs, EX)  # every expert and the joint LoRAs, side by side
     base, _ = load_on_device("models/base")  # a clean copy for merged weights
     tests = data.test_sets(".", S)
     val = data.test_sets(".", S, split="validation")
