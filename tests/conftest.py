@@ -76,8 +76,32 @@ def dvc(cwd: Path, *args: str) -> str:
     return proc.stdout
 
 
+def readme_skill() -> tuple[str, str]:
+    """(file name, code) of the skill README's "Adding a skill" shows, taken from README.md."""
+    import re
+
+    section = (REPO / "README.md").read_text().split("### Adding a skill", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    return re.match(r"# lib/skills/(\w+\.py)", code).group(1), code
+
+
+def add_readme_skill(root: Path) -> str:
+    """Do what README's "Adding a skill" says in the project at ``root``: the file in
+    lib/skills/ and its name in skills.train. Returns the skill's name."""
+    import yaml
+
+    name, code = readme_skill()
+    (root / "lib" / "skills" / name).write_text(code)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    skill = name.removesuffix(".py")
+    params["skills"]["train"].append(skill)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return skill
+
+
 @pytest.fixture(scope="session")
 def project(tmp_path_factory) -> Path:
+    """The smoke pipeline, with README's example skill added exactly as README says."""
     root = make_workdir(tmp_path_factory.mktemp("smoke") / "project")
     for d in ("lib", "notebooks", "docs"):
         shutil.copytree(REPO / d, root / d, ignore=shutil.ignore_patterns("__pycache__"))
@@ -85,6 +109,7 @@ def project(tmp_path_factory) -> Path:
     from lib.cli.profile import apply
 
     apply("smoke", root / "params.yaml")
+    add_readme_skill(root)
     dvc(root, "init", "--no-scm", "-q")
     dvc(root, "repro")
     return root

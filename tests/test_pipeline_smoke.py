@@ -11,7 +11,18 @@ import re
 
 import yaml
 
-from conftest import dvc, smoke_params  # the `project` fixture (the smoke pipeline) lives in conftest
+from conftest import dvc, readme_skill, smoke_params  # the `project` fixture (the smoke pipeline) lives in conftest
+
+
+def test_readme_example_skill_went_through_every_stage(project):
+    """README's "Adding a skill", followed literally, is trained, merged and scored like any skill."""
+    skill = readme_skill()[0].removesuffix(".py")
+    assert skill in smoke_params(project)["skills"]["train"]
+    assert (project / "datasets" / "skills" / skill).is_dir()
+    assert (project / "models" / "experts" / skill / "adapter_model.safetensors").is_file()
+    assert skill in json.loads((project / "metrics" / "experts.json").read_text())["expert_own"]
+    assert skill in json.loads((project / "metrics" / "merge_route.json").read_text())["expert_own"]
+    assert f"expert:{skill}" in (project / "plots" / "merge_route_leaderboard.csv").read_text()
 
 
 def test_every_stage_wrote_its_outputs(project):

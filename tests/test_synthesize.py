@@ -389,19 +389,32 @@ def test_a_new_skill_flows_through_synthesis_without_code_changes(smoke_params, 
     """The README's example: one registered Skill, named in params, gets its datasets."""
     from lib.skills.base import LOWER, Skill, is_word, random_string
 
-    double = Skill(name="double", family="string", description="write the input twice: double ab = abab",
+    twice = Skill(name="twice", family="string", description="write the input twice: twice ab = abab",
                    sample=lambda rng, d: random_string(rng, LOWER, d), apply=lambda x: x + x, accepts=is_word,
                    difficulty_doc="length uniform in [2, difficulty + 1]")
-    skill_lib.register(double)
-    request.addfinalizer(lambda: skill_lib.base.SKILLS.remove("double"))
+    skill_lib.register(twice)
+    request.addfinalizer(lambda: skill_lib.base.SKILLS.remove("twice"))
     S, P = smoke_params
-    S2 = config.validate_section("skills", {**S.model_dump(), "train": [*S.train, "double"]})
+    S2 = config.validate_section("skills", {**S.model_dump(), "train": [*S.train, "twice"]})
     summary = synth.synthesize_all(S2, P, tmp_path / "datasets", DATA)
-    assert summary["skills"]["double"]["train"] == P.n_train
-    ds = data.load(tmp_path / "datasets" / "skills" / "double", ("train", "test"))
+    assert summary["skills"]["twice"]["train"] == P.n_train
+    ds = data.load(tmp_path / "datasets" / "skills" / "twice", ("train", "test"))
     assert all(a == p.split(" ")[1] * 2 for p, a in zip(ds["test"]["prompt"], ds["test"]["answer"]))
     composed = data.load(tmp_path / "datasets" / "composed", ("test",))["test"]["skill"]
-    assert any("double" in s for s in composed), "the new skill also enters the composed set"
+    assert any("twice" in s for s in composed), "the new skill also enters the composed set"
+
+
+def test_a_skill_named_like_a_torch_module_attribute_is_refused_up_front(request):
+    """peft stores adapters in ModuleDicts by name: "half", "double", "train" ... cannot work."""
+    from lib.skills.base import LOWER, Skill, is_word, random_string
+
+    half = Skill(name="half", family="string", description="first half", sample=lambda rng, d: random_string(rng, LOWER, d),
+                 apply=lambda x: x[: len(x) // 2], accepts=is_word, difficulty_doc="length uniform in [2, difficulty + 1]")
+    skill_lib.register(half)
+    request.addfinalizer(lambda: skill_lib.base.SKILLS.remove("half"))
+    S = make_params(config.SkillsParams)
+    with pytest.raises(config.ParamsError, match=r"skills.train: .*skill 'half' cannot be trained.*ModuleDict"):
+        config.validate_section("skills", {**S.model_dump(), "train": [*S.train, "half"]})
 
 
 def test_corpus_skill_lines_show_training_skills_under_an_alias():

@@ -46,10 +46,28 @@ def _skill_list(names: list[str], what: str = "skill") -> list[str]:
     return names
 
 
+def reserved_adapter_name(name: str) -> str | None:
+    """Why ``name`` cannot name a LoRA adapter, or None. Each skill's expert is a peft adapter
+    named after the skill, and peft keeps every adapter's layers in ``torch.nn.ModuleDict`` /
+    ``ParameterDict`` entries under that name: a name that is already an attribute of those
+    (``double``, ``half``, ``float``, ``train``, ``eval``, ``apply``, ``type``, ``cpu``, ``to``,
+    ...) cannot be added, whatever the adapter."""
+    import torch
+
+    for cls in (torch.nn.ModuleDict, torch.nn.ParameterDict):
+        if hasattr(cls(), name):
+            return f"{name!r} is an attribute of torch's {cls.__name__}, where peft stores each adapter by name"
+    return None
+
+
 def _check_skill(name: str) -> str:
     known = skill_lib.all_skills()
     if name not in known:
         raise ValueError(f"unknown skill {name!r}; known skills: {', '.join(sorted(known))}")
+    why = reserved_adapter_name(name)
+    if why:
+        raise ValueError(f"skill {name!r} cannot be trained or held out: {why}; rename the skill (its name in "
+                         "register(Skill(name=...)))")
     return name
 
 
