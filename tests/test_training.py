@@ -17,7 +17,7 @@ import torch
 import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from conftest import make_workdir
+from conftest import REPO, make_workdir
 from lib.core.config import make as make_params
 from lib.core import config, data
 from lib.synth import datasets as synth
@@ -285,6 +285,74 @@ def test_train_expert_unknown_skill(project, capsys):
     for skill in yaml.safe_load((project / "params.yaml").read_text())["skills"]["train"]:
         assert skill in err
     assert not (project / "models").exists()
+
+
+def test_train_expert_before_the_base_exists_is_one_line_without_a_hub_lookup(tmp_path, capsys, monkeypatch):
+    """models/base missing: a local path, so one clear line and no hub lookup (no retries)."""
+    import socket
+
+    root = make_workdir(tmp_path / "elsewhere")
+    skill = SKILLS.train[0]
+    data.save(skill_sets()[skill], root / "datasets" / "skills" / skill)
+    (root / "models").mkdir()
+    lookups = []
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, *a, **k: lookups.append(host) or [])
+    monkeypatch.chdir(tmp_path)  # --workdir, not the current directory, is the project
+    capsys.readouterr()  # the dataset writer's progress bars
+    assert train_expert.main([skill, "--workdir", str(root)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "models/base: no such local directory" in err[0] and "dvc repro base" in err[0], err
+    assert lookups == []
+
+
+NO_NETWORK_HOOK = """
+import os, socket
+_log, _local = os.environ["NET_LOG"], {"127.0.0.1", "::1", "localhost", None}
+_getaddrinfo, _connect = socket.getaddrinfo, socket.socket.connect
+def getaddrinfo(host, *a, **k):
+    if host not in _local:
+        open(_log, "a").write(f"lookup {host}\\n")
+        raise socket.gaierror(f"network disabled: {host}")
+    return _getaddrinfo(host, *a, **k)
+def connect(self, address):
+    if self.family in (socket.AF_INET, socket.AF_INET6) and address[0] not in _local:
+        open(_log, "a").write(f"connect {address}\\n")
+        raise OSError(f"network disabled: {address}")
+    return _connect(self, address)
+socket.getaddrinfo, socket.socket.connect = getaddrinfo, connect
+"""
+
+
+def test_a_training_command_is_offline_without_the_test_suites_offline_variables(tmp_path, scratch_base):
+    """The project's entry points go offline by themselves (lib/__init__.py): a training run in a
+    subprocess whose environment has none of the offline variables makes no name lookup."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    *_, base = scratch_base
+    root = make_workdir(tmp_path / "project")
+    skill = SKILLS.train[0]
+    data.save(skill_sets()[skill], root / "datasets" / "skills" / skill)
+    shutil.copytree(base, root / "models" / "base")
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["experts"].update(steps=2, stop_loss=None)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(NO_NETWORK_HOOK)
+    log = tmp_path / "network.log"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HUB_DISABLE_TELEMETRY",
+                        "SKILL_EXPERTS_ONLINE")}
+    env.update(NET_LOG=str(log), PYTHONPATH=os.pathsep.join([str(hook), str(REPO)]))
+    proc = subprocess.run([sys.executable, "-m", "lib.experts.train", skill, "--workdir", str(root)], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (root / "models" / "experts" / skill / "adapter_model.safetensors").is_file()
+    assert not log.exists(), log.read_text()
 
 
 def test_train_expert_joint_needs_budget(project, capsys):

@@ -1,6 +1,7 @@
 """Loading causal LMs: any local or hub model by name, safetensors only, no remote code by default."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -20,6 +21,9 @@ def pick_device() -> tuple[torch.device, torch.dtype]:
 def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    missing = missing_local(name_or_path)
+    if missing:  # a local path: fail now, never as a hub id (no lookups, no retries)
+        raise ModelLoadError(f"{missing}; the stage that writes it has not run (for models/base: dvc repro base)")
     try:
         tok = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
     except Exception as e:
@@ -79,14 +83,30 @@ def _weights_problem(name_or_path) -> str | None:
     return None
 
 
+def missing_local(name_or_path) -> str | None:
+    """Why ``name_or_path`` is a local path that does not exist (so it is never looked up on a
+    hub), or None: it starts with ``.``, ``~`` or ``/``, has more than one ``/``, or its first
+    part is an existing local directory (``models/base`` while ``models/`` exists)."""
+    text = str(name_or_path)
+    path = Path(text).expanduser()
+    if path.exists():
+        return None
+    first = Path(text.split("/", 1)[0])
+    if text.startswith((".", "~", "/")) or text.count("/") > 1 or ("/" in text and first.is_dir()):
+        return f"{text}: no such local directory"
+    return None
+
+
 def _explain(name_or_path, what: str, err: Exception) -> str:
     text = str(name_or_path)
     if Path(text).exists():
         where = "local directory"
-    elif text.startswith((".", "~", "/")) or text.count("/") > 1:
-        where = "no such local directory; check model.base in params.yaml"
+    elif missing_local(text):
+        where = "no such local directory"
     else:
-        where = "hub id (no local directory by that name)"
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        where = ("hub id (no local directory by that name); the hub is off: set SKILL_EXPERTS_ONLINE=1 to let "
+                 "the project download it") if offline else "hub id (no local directory by that name)"
     return (
         f"cannot load {what} from {str(name_or_path)!r} ({where}): {type(err).__name__}: {err}. "
         "Give a directory written by save_pretrained with safetensors weights, or a hub id this machine can reach; "

@@ -25,7 +25,8 @@ from pathlib import Path
 from datasets import concatenate_datasets
 
 from lib.core import config, data
-from lib.core.training import train_lora
+from lib.core.modeling import ModelLoadError
+from lib.core.training import TrainingDiverged, train_lora
 
 BUDGETS = ("same_steps", "total_steps")
 
@@ -87,10 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", choices=BUDGETS)
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--profile", default=None)
+    ap.add_argument("--workdir", default=".", help="project root (where params.yaml, datasets/ and models/ are)")
     args = ap.parse_args(argv)
     try:
-        info = run(args.name, args.budget, params=args.params, profile=args.profile)
-    except (config.ParamsError, data.DataError) as e:
+        info = run(args.name, args.budget, root=args.workdir, params=args.params, profile=args.profile)
+    except (config.ParamsError, data.DataError, ModelLoadError, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(info)

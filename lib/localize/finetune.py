@@ -25,8 +25,9 @@ import time
 from pathlib import Path
 
 from lib.core import config, data
-from lib.core.training import (FiniteLossGuard, LossThresholdStop, check_finite, check_target_modules, count_parameters,
-                                loss_history, publish_run, sft_rows, trainer_args)
+from lib.core.modeling import ModelLoadError
+from lib.core.training import (FiniteLossGuard, LossThresholdStop, TrainingDiverged, check_finite, check_target_modules,
+                                count_parameters, loss_history, publish_run, sft_rows, trainer_args)
 
 
 def considered_names(model, target_modules) -> list[str]:
@@ -111,10 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("skill", help="a training skill")
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--profile", default=None)
+    ap.add_argument("--workdir", default=".", help="project root (where params.yaml, datasets/ and models/ are)")
     args = ap.parse_args(argv)
     try:
-        info = run(args.skill, params=args.params, profile=args.profile)
-    except (config.ParamsError, data.DataError) as err:
+        info = run(args.skill, root=args.workdir, params=args.params, profile=args.profile)
+    except (config.ParamsError, data.DataError, ModelLoadError, TrainingDiverged) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print({k: v for k, v in info.items() if k != "considered"})
