@@ -171,7 +171,9 @@ def test_headline_rows_and_best_systems():
 def test_missing_stages_leave_their_rows_out(tmp_path):
     (tmp_path / "metrics").mkdir()
     (tmp_path / "metrics" / "merge_route.json").write_text(json.dumps(metrics_fixture()["merge_route"]))
-    m = report.load_metrics(tmp_path)
+    with pytest.raises(report.MissingInput, match=r"metrics/synthesize.json, metrics/base.json, .*metrics/localize.json missing"):
+        report.load_metrics(tmp_path)
+    m = report.load_metrics(tmp_path, required=False)
     assert list(m) == ["merge_route"]
     head = report.headline(m)
     assert "best continual strategy" not in set(head["system"])
@@ -234,6 +236,22 @@ def test_smoke_report_is_computed_from_the_run(project):
     assert list(claims["verdict"]) == list(recomputed["verdict"])
     saved = json.loads((project / "metrics" / "report.json").read_text())
     assert saved["claims"] == dict(zip(recomputed["key"], recomputed["verdict"]))
+
+
+def test_report_stage_fails_naming_a_deleted_metrics_file(project, tmp_path, capsys):
+    """A missing input is an error, not a column of "inconclusive" verdicts."""
+    from lib.cli import run_stage
+
+    copy = tmp_path / "project"
+    for d in ("metrics", "plots", "notebooks", "data", "profiles"):
+        shutil.copytree(project / d, copy / d)
+    shutil.copy2(project / "params.yaml", copy / "params.yaml")
+    (copy / "metrics" / "continual.json").unlink()
+    (copy / "metrics" / "report.json").unlink()
+    assert run_stage.main(["report", "--workdir", str(copy)]) == 1
+    err = capsys.readouterr().err
+    assert "MissingInput" in err and "metrics/continual.json missing" in err, err[-2000:]
+    assert not (copy / "metrics" / "report.json").exists()
 
 
 @needs_browser

@@ -2,8 +2,10 @@
 
 Nothing here trains or scores a model: the headline table comes from ``metrics/*.json`` and
 the per-skill table ``plots/merge_route_per_skill.csv``; the claims table from
-``lib.report.claims``. A stage that did not run leaves its rows out (the claims it feeds say
-"not measured") rather than failing the report.
+``lib.report.claims``. Every stage's metrics file must be there: a missing one is an error
+naming it (a claim's "inconclusive" is a verdict about data, never about a missing file).
+Within a present file, a key a stage did not compute (a strategy left out of params, a value
+written as null) leaves its rows out and its claims "not measured".
 """
 from __future__ import annotations
 
@@ -18,9 +20,19 @@ from lib.core.io import read_json
 METRICS = ("synthesize", "base", "experts", "merge_route", "continual", "localize")
 
 
-def load_metrics(root: str | Path) -> dict:
-    """{stem: parsed JSON} for every metrics file present under ``root/metrics``."""
+class MissingInput(FileNotFoundError):
+    """A file the report reads is not there: its stage has not run (or its output was deleted)."""
+
+
+def load_metrics(root: str | Path, required: bool = True) -> dict:
+    """{stem: parsed JSON} of every stage's metrics file under ``root/metrics``. A missing file
+    is a :class:`MissingInput` naming every missing one, unless ``required`` is False (then the
+    files present are read: for reading a partial run by hand)."""
     root = Path(root)
+    missing = [f"metrics/{name}.json" for name in METRICS if not (root / "metrics" / f"{name}.json").is_file()]
+    if missing and required:
+        raise MissingInput(f"{', '.join(missing)} missing under {root.resolve()}: the report needs every stage's "
+                           "metrics; run the stages that write them (dvc repro)")
     return {name: read_json(p) for name in METRICS if (p := root / "metrics" / f"{name}.json").is_file()}
 
 
