@@ -70,7 +70,10 @@ BIN = Path(sys.executable).parent
 
 
 def dvc(cwd: Path, *args: str) -> str:
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    # PYTHONPATH: the stages (and their papermill kernels) import the project's own lib/, as
+    # they do in a user's clone, not the lib/ the test environment has installed.
+    path = os.pathsep.join(p for p in (str(cwd), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "PYTHONPATH": path}
     proc = subprocess.run([str(BIN / "dvc"), *args], cwd=cwd, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, f"dvc {' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return proc.stdout

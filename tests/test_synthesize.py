@@ -308,8 +308,9 @@ def test_missing_teacher_is_a_clear_error(tmp_path):
     assert str(missing) in str(e.value)
     S = make_params(SkillsParams, train=["reverse"], heldout=[])
     P = make_params(SynthesizeParams, source="teacher", n_composed=0, corpus_size=10, teacher=make_params(TeacherParams, model=str(missing)))
-    with pytest.raises(ModelLoadError, match=re.escape(str(missing))):
+    with pytest.raises(ModelLoadError, match="^synthesize.teacher.model: " + re.escape(str(missing))) as e:
         synth.synthesize_all(S, P, tmp_path / "out", DATA)
+    assert "model.base" not in str(e.value)  # the probe found the teacher's error blaming the base
     assert not (tmp_path / "out").exists()
 
 

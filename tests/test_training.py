@@ -427,6 +427,14 @@ def test_a_target_module_typo_is_an_error_before_training(tmp_path, scratch_base
     assert not (tmp_path / "typo").exists()
 
 
+def test_max_length_shorter_than_an_example_is_an_error_before_training(tmp_path, scratch_base):
+    *_, base = scratch_base
+    e = EXPERT.model_copy(update={"max_length": 4})
+    with pytest.raises(config.ParamsError, match=r"experts.max_length 4 is shorter than the longest training example \(\d+ tokens"):
+        training.train_lora(base, skill_sets()["reverse"]["train"], e, e.steps, 0, tmp_path / "short", progress=False)
+    assert not (tmp_path / "short").exists()
+
+
 def test_a_diverging_run_is_an_error_and_leaves_no_adapter(tmp_path, scratch_base):
     """A learning rate that blows the weights up must never look like convergence."""
     *_, base = scratch_base

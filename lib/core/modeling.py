@@ -18,16 +18,20 @@ def pick_device() -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.float32
 
 
-def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False):
+def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False, key: str | None = None):
+    """The tokenizer at a local path or hub id. ``key``: the params key that named it
+    (``model.base``, ``synthesize.teacher.model``), put first in any error."""
     from transformers import AutoTokenizer
 
+    where = f"{key}: " if key else ""
     missing = missing_local(name_or_path)
     if missing:  # a local path: fail now, never as a hub id (no lookups, no retries)
-        raise ModelLoadError(f"{missing}; the stage that writes it has not run (for models/base: dvc repro base)")
+        hint = "" if key else "; the stage that writes it has not run (for models/base: dvc repro base)"
+        raise ModelLoadError(f"{where}{missing} (a local path, so it is not looked up on the hub){hint}")
     try:
         tok = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
     except Exception as e:
-        raise ModelLoadError(_explain(name_or_path, "tokenizer", e)) from None
+        raise ModelLoadError(where + _explain(name_or_path, "tokenizer", e)) from None
     if tok.pad_token is None:
         # Batched generation needs a pad token; reusing EOS is the usual choice and is
         # safe because padded positions are masked out.
@@ -36,17 +40,20 @@ def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False):
     return tok
 
 
-def load_causal_lm(name_or_path: str | Path, trust_remote_code: bool = False, dtype: torch.dtype | None = None):
-    """``(model, tokenizer)`` for any causal LM by local path or hub id (safetensors weights only)."""
+def load_causal_lm(name_or_path: str | Path, trust_remote_code: bool = False, dtype: torch.dtype | None = None,
+                   key: str | None = None):
+    """``(model, tokenizer)`` for any causal LM by local path or hub id (safetensors weights only).
+    ``key``: the params key that named it, put first in any error."""
     from transformers import AutoModelForCausalLM
 
-    tok = load_tokenizer(name_or_path, trust_remote_code)
+    tok = load_tokenizer(name_or_path, trust_remote_code, key)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(name_or_path), trust_remote_code=trust_remote_code, use_safetensors=True, dtype=dtype
         )
     except Exception as e:
-        raise ModelLoadError(_weights_problem(name_or_path) or _explain(name_or_path, "model", e)) from None
+        where = f"{key}: " if key else ""
+        raise ModelLoadError(where + (_weights_problem(name_or_path) or _explain(name_or_path, "model", e))) from None
     model.eval()
     return model, tok
 

@@ -120,6 +120,24 @@ def check_target_modules(model, targets, key: str = "experts.target_modules") ->
     return list(targets)
 
 
+def check_max_length(tok, rows: Dataset, max_length: int, key: str = "experts.max_length") -> None:
+    """Every training example (prompt, " " + answer and EOS) fits in ``max_length`` tokens, else
+    a ParamsError naming the longest one: trl drops or cuts longer rows, which would train on
+    cut answers or on nothing at all."""
+    from lib.core.config import ParamsError
+
+    if "prompt" not in rows.column_names:
+        return
+    longest, text = 0, ""
+    for p, a in zip(rows["prompt"], rows["answer"]):
+        n = len(tok(p + " " + a, add_special_tokens=True)["input_ids"]) + 1
+        if n > longest:
+            longest, text = n, p + " " + a
+    if longest > max_length:
+        raise ParamsError(f"{key} {max_length} is shorter than the longest training example ({longest} tokens with "
+                          f"EOS: {text!r}); raise it to at least {longest}")
+
+
 def loss_history(trainer) -> pd.DataFrame:
     rows = [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h]
     return pd.DataFrame(rows)
@@ -279,6 +297,7 @@ def train_lora(base_dir: Path, train: Dataset, e, steps: int, seed: int, out_dir
 
     model, tok = load_on_device(base_dir)
     check_target_modules(model, e.target_modules)
+    check_max_length(tok, train, e.max_length)
     tok.padding_side = "right"
     plain_text = "text" in train.column_names and "prompt" not in train.column_names
     lora = LoraConfig(r=e.rank, lora_alpha=e.alpha, lora_dropout=e.dropout, target_modules=list(e.target_modules),

@@ -38,7 +38,7 @@ def prepare_base(m: ModelParams, corpus_dir: str | Path, out_dir: str | Path, pr
             info = {"source": "scratch", "pretrain_steps": m.pretrain_steps, "tokens_seen": tokens_seen,
                     "final_loss": float(curve["loss"].tail(5).mean())}
         else:
-            model, tok = load_causal_lm(m.base, m.trust_remote_code)
+            model, tok = load_causal_lm(m.base, m.trust_remote_code, key="model.base")
             curve = pd.DataFrame(columns=["step", "loss"])
             info = {"source": m.base, "pretrain_steps": 0, "tokens_seen": 0, "final_loss": float("nan")}
         model.save_pretrained(str(tmp))

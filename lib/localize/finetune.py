@@ -26,8 +26,8 @@ from pathlib import Path
 
 from lib.core import config, data
 from lib.core.modeling import ModelLoadError
-from lib.core.training import (FiniteLossGuard, LossThresholdStop, TrainingDiverged, check_finite, check_target_modules,
-                                count_parameters, loss_history, publish_run, sft_rows, trainer_args)
+from lib.core.training import (FiniteLossGuard, LossThresholdStop, TrainingDiverged, check_finite, check_max_length,
+                                check_target_modules, count_parameters, loss_history, publish_run, sft_rows, trainer_args)
 
 
 def considered_names(model, target_modules) -> list[str]:
@@ -51,6 +51,7 @@ def train_full(base_dir: Path, train, f, target_modules, out_dir: Path, progress
     model, tok = load_on_device(base_dir)
     tok.padding_side = "right"
     names = set(considered_names(model, target_modules))
+    check_max_length(tok, train, f.max_length, "localize.finetune.max_length")
     for n, p in model.named_parameters():
         p.requires_grad_(n in names)
     tmp = Path(str(out_dir) + ".partial")

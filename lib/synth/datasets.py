@@ -231,7 +231,7 @@ def synthesize_all(skills: SkillsParams, syn: SynthesizeParams, out_dir: str | P
         from lib.core.modeling import load_causal_lm
         from lib.synth.teacher import generate_prompts
 
-        model, tok = load_causal_lm(syn.teacher.model, syn.teacher.trust_remote_code)
+        model, tok = load_causal_lm(syn.teacher.model, syn.teacher.trust_remote_code, key="synthesize.teacher.model")
         for name in tqdm(skills.train, desc="teacher generation", disable=not progress):
             if name not in cards:
                 raise DataError(f"{Path(data_dir) / 'skills' / (name + '.yaml')}: missing; the teacher needs seed exemplars for {name!r}")

@@ -48,7 +48,7 @@ def router_top1(stage):
                   url="https://arxiv.org/abs/2404.13628")
 def router_soft(stage):
     router, secs = trained_router(stage)
-    k = stage.P.router.top_k
+    k = min(stage.P.router.top_k, len(stage.names))  # the label says the k the mixture really uses
     yield System(f"route:router_soft_top{k}", "router", SoftMixture(stage.peft_model, router, top_k=k),
                  extra_params=lora_parameters(stage.peft_model, stage.names) + router.n_parameters, build_s=secs)
 
