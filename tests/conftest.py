@@ -102,20 +102,31 @@ def add_readme_skill(root: Path) -> str:
     return skill
 
 
-@pytest.fixture(scope="session")
-def project(tmp_path_factory) -> Path:
-    """The smoke pipeline, with README's example skill added exactly as README says."""
-    root = make_workdir(tmp_path_factory.mktemp("smoke") / "project")
+def _smoke_project(root: Path, with_readme_skill: bool = False) -> Path:
+    make_workdir(root)
     for d in ("lib", "notebooks", "docs"):
         shutil.copytree(REPO / d, root / d, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy2(REPO / "dvc.yaml", root / "dvc.yaml")
     from lib.cli.profile import apply
 
     apply("smoke", root / "params.yaml")
-    add_readme_skill(root)
+    if with_readme_skill:
+        add_readme_skill(root)
     dvc(root, "init", "--no-scm", "-q")
     dvc(root, "repro")
     return root
+
+
+@pytest.fixture(scope="session")
+def project(tmp_path_factory) -> Path:
+    return _smoke_project(tmp_path_factory.mktemp("smoke") / "project")
+
+
+@pytest.fixture(scope="session")
+def readme_project(tmp_path_factory) -> Path:
+    """The smoke pipeline with README's example skill added exactly as README says (its own
+    project: the shared one's params must stay valid for tests that run stage code in-process)."""
+    return _smoke_project(tmp_path_factory.mktemp("readme") / "project", with_readme_skill=True)
 
 
 def smoke_params(root: Path) -> dict:

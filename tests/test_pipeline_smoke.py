@@ -14,8 +14,9 @@ import yaml
 from conftest import dvc, readme_skill, smoke_params  # the `project` fixture (the smoke pipeline) lives in conftest
 
 
-def test_readme_example_skill_went_through_every_stage(project):
+def test_readme_example_skill_went_through_every_stage(readme_project):
     """README's "Adding a skill", followed literally, is trained, merged and scored like any skill."""
+    project = readme_project
     skill = readme_skill()[0].removesuffix(".py")
     assert skill in smoke_params(project)["skills"]["train"]
     assert (project / "datasets" / "skills" / skill).is_dir()

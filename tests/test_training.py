@@ -490,6 +490,18 @@ def test_truncated_adapter_weights_are_an_adapter_error(tmp_path, scratch_base, 
     with pytest.raises(experts.AdapterError) as err:
         experts.load_with_adapters(base, {"reverse": trained[0], "bad": bad})
     assert str(bad) in str(err.value)
+    # Named as truncated, not as a rank or target-module mismatch to retrain (the probe's finding).
+    assert "truncated or corrupt" in str(err.value) and "rank" not in str(err.value)
+    # Stage 04's and 06's way in (task vectors from adapter directories) goes through the same gate.
+    from lib.merge.task_vectors import task_vectors
+
+    with pytest.raises(experts.AdapterError, match="truncated or corrupt"):
+        task_vectors(load_causal_lm(base)[0], {"bad": bad})
+    pickled = tmp_path / "pickled_adapter"
+    shutil.copytree(trained[0], pickled)
+    (pickled / "adapter_model.safetensors").rename(pickled / "adapter_model.bin")
+    with pytest.raises(experts.AdapterError, match="adapter_model.bin: pickle files"):
+        task_vectors(load_causal_lm(base)[0], {"p": pickled})
 
 
 def test_an_adapter_trained_with_other_params_is_refused_naming_the_keys(scratch_base, trained):

@@ -78,16 +78,46 @@ def _weights_problem(name_or_path) -> str | None:
                     "safetensors only, since unpickling can run code. Convert once, where you trust the file: "
                     "load it and save_pretrained(dir, safe_serialization=True)")
         return None
+    for f in safes:
+        problem = safetensors_problem(f)
+        if problem:
+            return problem
+    return None
+
+
+def safetensors_problem(file: str | Path) -> str | None:
+    """Why ``file`` is not a readable safetensors file (named, with its header error), or None."""
     from safetensors import safe_open
 
-    for f in safes:
-        try:
-            with safe_open(str(f), framework="pt") as handle:
-                list(handle.keys())
-        except Exception as e:  # safetensors raises its own error type for a bad header
-            return (f"{f}: not a readable safetensors file ({type(e).__name__}: {e}); it is truncated or corrupt: "
-                    "write it again (rerun the stage that made it, e.g. dvc repro base) or fetch it again")
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            list(handle.keys())
+    except Exception as e:  # safetensors raises its own error type for a bad header
+        return (f"{file}: not a readable safetensors file ({type(e).__name__}: {e}); it is truncated or corrupt: "
+                "write it again (rerun the stage that made it, e.g. dvc repro) or fetch it again")
     return None
+
+
+class AdapterError(RuntimeError):
+    """An adapter directory that is missing, unsafe, unreadable or does not fit the base model."""
+
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def check_adapter_files(path: str | Path) -> None:
+    """The one safe way in for an adapter directory, used by every stage before peft loads it:
+    a safetensors weights file must be there (peft would unpickle an ``adapter_model.bin``) and
+    readable (a truncated file is named as such, not reported as a rank mismatch)."""
+    path = Path(path)
+    if not (path / ADAPTER_WEIGHTS).is_file():
+        others = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES) if path.is_dir() else []
+        found = f" (found {', '.join(others)}: pickle files, which can run code when loaded)" if others else ""
+        raise AdapterError(f"{path}: no {ADAPTER_WEIGHTS}{found}; only safetensors adapters are loaded. "
+                           "Save adapters with save_pretrained (safetensors is its default)")
+    problem = safetensors_problem(path / ADAPTER_WEIGHTS)
+    if problem:
+        raise AdapterError(problem)
 
 
 def missing_local(name_or_path) -> str | None:

@@ -12,11 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from lib.core.evaluation import BASE_ADAPTER, evaluate
-from lib.core.modeling import PICKLE_SUFFIXES, load_on_device
-
-
-class AdapterError(RuntimeError):
-    """An adapter directory that is missing or does not fit the base model."""
+from lib.core.modeling import ADAPTER_WEIGHTS, AdapterError, check_adapter_files, load_on_device  # noqa: F401
 
 
 def adapter_dirs(root: str | Path, skills: list[str]) -> dict[str, Path]:
@@ -72,18 +68,6 @@ def load_with_adapters(base_dir: str | Path, dirs: dict[str, Path], experts=None
     if model is None:
         raise AdapterError("no adapters to load")
     return model.eval(), tok
-
-
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-
-
-def check_adapter_files(path: Path) -> None:
-    """Only safetensors adapters are loaded: peft would unpickle an ``adapter_model.bin``."""
-    if not (path / ADAPTER_WEIGHTS).is_file():
-        others = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
-        found = f" (found {', '.join(others)}: pickle files, which can run code when loaded)" if others else ""
-        raise AdapterError(f"{path}: no {ADAPTER_WEIGHTS}{found}; only safetensors adapters are loaded. "
-                           "Save adapters with save_pretrained (safetensors is its default)")
 
 
 def check_adapter_keys(model, name: str, path: Path) -> None:

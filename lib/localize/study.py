@@ -158,10 +158,15 @@ def study_skills(train: Sequence[str], chosen: Sequence[str] | None) -> list[str
 def _full_ft_delta(root: Path, skill: str, pre: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
+    from lib.core.modeling import safetensors_problem
+
     path = root / "models" / "finetuned" / skill / "model.safetensors"
     if not path.exists():
         raise LocalizeError(f"{path}: no fine-tuned model for {skill!r}; run `dvc repro finetune@{skill}` "
                             f"(python -m lib.localize.finetune {skill})")
+    problem = safetensors_problem(path)
+    if problem:
+        raise LocalizeError(problem)
     saved = load_file(str(path))
     missing = [n for n in pre if n not in saved]
     if missing:

@@ -43,6 +43,7 @@ from typing import Mapping, Sequence
 
 import torch
 
+from lib.core.modeling import check_adapter_files
 from lib.merge.methods import MERGE_METHODS
 from lib.merge.methods._checks import MergeError
 
@@ -93,6 +94,7 @@ def task_vectors(model, adapters: Sequence[str] | Mapping[str, str | Path] | Non
         for name, path in adapters.items():
             if not (Path(path) / "adapter_config.json").exists():
                 raise MergeError(f"{path}: no adapter here (adapter_config.json missing) for expert {name!r}")
+            check_adapter_files(path)  # safetensors only, and readable: the same gate as every stage
             if peft_model is None:
                 peft_model = PeftModel.from_pretrained(copy.deepcopy(model), str(path), adapter_name=name)
             else:
