@@ -34,7 +34,7 @@ cmd=${1:-}
 shift || true
 case "$cmd" in
   setup) setup ;;
-  repro) setup; dvc repro "$@"; dvc metrics show ;;
+  repro) setup; dvc repro "$@"; python -m lib.cli.summary ;;
   test)  setup; python -m pytest "$@" ;;
   lab)   setup
          # JupyterLab refuses to start as root (containers, CI boxes) unless told it is fine.

@@ -302,3 +302,19 @@ def test_systems_with_null_normalised_accuracy_are_skipped_not_crashed():
     rows = {r["key"]: r for r in C.evaluate_claims(m)}
     assert "merge:dare_ties" in rows["selma"]["measured"]
     assert rows["ties_dare"]["verdict"] == INCONCLUSIVE and "null" in rows["ties_dare"]["measured"]
+
+
+def test_repro_summary_prints_the_headline_and_the_verdicts(tmp_path, capsys):
+    """What `make repro` prints last, instead of dvc's one very wide metrics row."""
+    from lib.cli import summary
+
+    assert summary.main(["--workdir", str(tmp_path)]) == 2
+    assert "stage 07 (report) has not run" in capsys.readouterr().err
+    head = report.headline(metrics_fixture())
+    claims = report.claims_table(metrics_fixture())
+    report.write_tables(tmp_path, head, claims)
+    assert summary.main(["--workdir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    counts = report.verdict_counts(claims)
+    assert f"{counts['held']} held, {counts['did not hold']} did not hold, {counts['inconclusive']} inconclusive" in out
+    assert all(c in out for c in claims.claim) and "best merge" in out
