@@ -8,6 +8,7 @@ run by hand and one run by ``dvc repro`` accept and reject the same values.
 from __future__ import annotations
 
 import copy
+import functools
 from pathlib import Path
 from typing import Any, Literal
 
@@ -52,12 +53,19 @@ def reserved_adapter_name(name: str) -> str | None:
     ``ParameterDict`` entries under that name: a name that is already an attribute of those
     (``double``, ``half``, ``float``, ``train``, ``eval``, ``apply``, ``type``, ``cpu``, ``to``,
     ...) cannot be added, whatever the adapter."""
+    for cls_name, attributes in _container_attributes().items():
+        if name in attributes:
+            return f"{name!r} is an attribute of torch's {cls_name}, where peft stores each adapter by name"
+    return None
+
+
+@functools.cache
+def _container_attributes() -> dict[str, frozenset[str]]:
+    """Attribute names of an empty ModuleDict and ParameterDict, built once per process (every
+    skill of every params section is checked against them)."""
     import torch
 
-    for cls in (torch.nn.ModuleDict, torch.nn.ParameterDict):
-        if hasattr(cls(), name):
-            return f"{name!r} is an attribute of torch's {cls.__name__}, where peft stores each adapter by name"
-    return None
+    return {cls.__name__: frozenset(dir(cls())) for cls in (torch.nn.ModuleDict, torch.nn.ParameterDict)}
 
 
 def _check_skill(name: str) -> str:

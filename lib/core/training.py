@@ -128,11 +128,12 @@ def check_max_length(tok, rows: Dataset, max_length: int, key: str = "experts.ma
 
     if "prompt" not in rows.column_names:
         return
-    longest, text = 0, ""
-    for p, a in zip(rows["prompt"], rows["answer"]):
-        n = len(tok(p + " " + a, add_special_tokens=True)["input_ids"]) + 1
-        if n > longest:
-            longest, text = n, p + " " + a
+    texts = [p + " " + a for p, a in zip(rows["prompt"], rows["answer"])]
+    if not texts:
+        return
+    lengths = [len(ids) + 1 for ids in tok(texts, add_special_tokens=True)["input_ids"]]  # one batched call
+    i = max(range(len(lengths)), key=lengths.__getitem__)
+    longest, text = lengths[i], texts[i]
     if longest > max_length:
         raise ParamsError(f"{key} {max_length} is shorter than the longest training example ({longest} tokens with "
                           f"EOS: {text!r}); raise it to at least {longest}")
