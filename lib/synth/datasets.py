@@ -200,20 +200,19 @@ def echo_word(rng: random.Random, reserved: set[str]) -> str:
             return w
 
 
-def corpus(skills: SkillsParams, syn: SynthesizeParams, alias_separator: str = ALIAS_SEPARATOR,
-           alias_form: str = "reversed", alias_skills: list[str] | None = None,
-           echo_fraction: float = 0.0, echo_answer: str = "input") -> DatasetDict:
-    """Copy lines, and a ``corpus_skill_fraction`` share of :func:`alias_line` lines (in the
-    ``alias_form`` and with ``alias_separator``; ``alias_skills``: the skills shown, default all).
+def corpus(skills: SkillsParams, syn: SynthesizeParams, alias_skills: list[str] | None = None) -> DatasetDict:
+    """Copy lines, and a ``corpus_skill_fraction`` share of :func:`alias_line` lines (in
+    ``synthesize.alias_form`` with ``synthesize.alias_separator``; ``alias_skills``: the skills
+    shown, default all training skills).
 
-    ``echo_fraction``: share of the copy lines whose command is a random word instead of
+    ``synthesize.echo_fraction``: share of the copy lines whose command is a random word instead of
     ``copy`` (``"blorp abc = abc"``): the base then echoes the input for any command it does
     not know, so an expert replaying these lines learns to act on *its* command only.
-    ``echo_answer``: ``"input"`` (echo the input) or ``"name"`` (answer with the command word,
+    ``synthesize.echo_answer``: ``"input"`` (echo the input) or ``"name"`` (answer with the command word,
     ``"blorp abc = blorp"``, which no skill's answer equals, so no skill leaks into the base:
     echoing the input answers ``sort`` right whenever its input is already sorted)."""
-    if echo_answer not in ("input", "name"):
-        raise ValueError(f"echo_answer must be 'input' or 'name', got {echo_answer!r}")
+    alias_separator, alias_form = syn.alias_separator, syn.alias_form
+    echo_fraction, echo_answer = syn.echo_fraction, syn.echo_answer
     rng = skill_rng(syn.seed, "corpus")
     max_len = max(skills.level(s) for s in skills.all) + 2
     # Drawn from separate streams so the copy lines are the same whatever the fractions.
