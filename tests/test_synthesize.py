@@ -440,3 +440,31 @@ def test_corpus_skill_lines_show_training_skills_under_an_alias():
     in_order = lambda c: list(c["validation"]["text"]) + list(c["train"]["text"])  # validation is the first lines drawn
     copies = [t for t in in_order(mixed) if t.startswith("copy ")]
     assert copies == in_order(plain)[: len(copies)]
+
+
+def test_echo_lines_answer_with_their_command_and_leave_the_rest_unchanged():
+    """Issue 15's testbed knobs: unknown commands with a fixed answer, alias lines in the study's
+    own ' =' form. The copy and alias streams are the same whatever the echo share."""
+    from lib.core.config import SkillsParams, SynthesizeParams
+
+    skills = make_params(SkillsParams, train=["inc", "reverse", "sort"], heldout=["mindigit"], difficulty={"default": 3})
+    base = dict(corpus_size=600, corpus_skill_fraction=0.5, alias_separator=" =")
+    lines = lambda **kw: (lambda c: list(c["validation"]["text"]) + list(c["train"]["text"]))(  # noqa: E731
+        synth.corpus(skills, make_params(SynthesizeParams, **base, **kw)))
+    plain, named, echoed = lines(echo_fraction=0.0), lines(echo_fraction=0.8, echo_answer="name"), \
+        lines(echo_fraction=0.8, echo_answer="input")
+    aliases = {synth.alias(s) for s in skills.train}
+    reserved = {"copy", *skills.all, *aliases}
+    echo = [t for t in named if t.split(" ", 1)[0] not in reserved]
+    assert 0.3 < len(echo) / len(named) < 0.5  # 0.8 of the copy half
+    for t in echo:
+        word, rest = t.split(" ", 1)
+        assert rest.endswith(" = " + word), t  # answers with its own name: no skill's answer
+    for t in [t for t in echoed if t.split(" ", 1)[0] not in reserved]:
+        x, answer = t.split(" ", 1)[1].split(" = ")
+        assert answer == x, t
+    # Alias lines use the study's separator and are the same lines at any echo share.
+    alias_lines = lambda ls: [t for t in ls if t.split(" ", 1)[0] in aliases]  # noqa: E731
+    assert alias_lines(plain) == alias_lines(named) and all(" = " in t for t in alias_lines(plain))
+    rows = synth.corpus_rows(alias_lines(plain)[:5] + echo[:5])
+    assert all(p.endswith(" =") and not a.startswith(" ") for p, a in zip(rows["prompt"], rows["answer"]))

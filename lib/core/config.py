@@ -141,6 +141,13 @@ class SynthesizeParams(Section):
     corpus_size: int = Field(ge=1, description="lines of generic text for pretraining the base")
     corpus_skill_fraction: float = Field(ge=0, lt=1, description="share of corpus lines that show a training "
                                          "skill under an alias name (the base 'knows' the skill, not its prompt)")
+    alias_separator: Literal[" ->", " ="] = Field(description="separator of the alias lines; ' =' is the study "
+                                                  "prompts' own, so only the name differs")
+    alias_form: Literal["reversed", "scrambled"] = Field(description="how an alias name is spelled")
+    echo_fraction: float = Field(ge=0, le=1, description="share of copy lines whose command is a random word "
+                                 "(the base learns a fixed answer for unknown commands)")
+    echo_answer: Literal["input", "name"] = Field(description="what an unknown command answers: its input, or the "
+                                                  "command word (no skill can leak into the base)")
     teacher: TeacherParams
 
     @model_validator(mode="after")

@@ -141,17 +141,27 @@ def corpus_line(rng: random.Random, names: list[str], max_len: int) -> str:
     return f"copy {x} = {x}" if rng.random() < 0.8 else f"copy {extra} = {extra}"
 
 
-def alias(name: str) -> str:
-    """The name a skill goes by in the base corpus: its name spelled backwards (``reverse`` ->
-    ``esrever``), a string no prompt uses, so the base can know the skill without knowing
-    its prompt."""
-    return name[::-1]
+ALIAS_FORMS = ("reversed", "scrambled")
+"""How a skill's alias name is spelled: ``reversed`` (``reverse`` -> ``esrever``) or
+``scrambled`` (a fixed pseudo-random 5-letter string per skill, sharing no pattern with the name)."""
+
+
+def alias(name: str, form: str = "reversed") -> str:
+    """The name a skill goes by in the base corpus, a string no prompt uses, so the base can
+    know the skill without knowing its prompt. ``form``: one of :data:`ALIAS_FORMS`."""
+    if form == "reversed":
+        return name[::-1]
+    if form == "scrambled":
+        rng = random.Random(f"alias:{name}")
+        return "".join(rng.choice("bcdfghjklmnpqrstvwxz") for _ in range(5))
+    raise ValueError(f"unknown alias form {form!r}; known: {', '.join(ALIAS_FORMS)}")
 
 
 ALIAS_SEPARATOR = " ->"
 
 
-def alias_line(rng: random.Random, skills: SkillsParams) -> str:
+def alias_line(rng: random.Random, skills: SkillsParams, separator: str = ALIAS_SEPARATOR,
+               form: str = "reversed", names: list[str] | None = None) -> str:
     """A training skill demonstrated under its alias and another separator: ``"esrever abc -> cba"``.
 
     Pretrained LLMs already know most skills and fine-tuning mostly binds a skill to its
@@ -159,20 +169,69 @@ def alias_line(rng: random.Random, skills: SkillsParams) -> str:
     holds *skill knowledge* in another format). The prompt format ``"<name> <x> ="`` stays
     the copy lines' format, so the base still fails the skills' prompts (with ``=`` here
     the base answered ``maxdigit`` prompts 86% right by generalising from the alias).
-    Held-out skills are never shown."""
-    name = rng.choice(skills.train)
+    Held-out skills are never shown; ``names`` restricts the skills shown (default: all
+    training skills)."""
+    name = rng.choice(names or skills.train)
     skill = skill_lib.get_skill(name)
     x = skill.sample(rng, skills.level(name))
-    return f"{alias(name)} {x}{ALIAS_SEPARATOR} {skill.apply(x)}"
+    return f"{alias(name, form)} {x}{separator} {skill.apply(x)}"
 
 
-def corpus(skills: SkillsParams, syn: SynthesizeParams) -> DatasetDict:
+def corpus_rows(texts: list[str], separators: tuple[str, ...] = (" =", ALIAS_SEPARATOR)) -> dict[str, list[str]]:
+    """Corpus lines as prompt/answer rows (``"esrever abc -> cba"`` -> ``"esrever abc ->"``,
+    ``"cba"``), split at the first ``" <sep> "``, so they can be replayed during expert training
+    with the loss on the answer, like a skill's rows. A line with no separator is an error."""
+    prompts, answers = [], []
+    for t in texts:
+        cuts = [(t.find(sep + " "), sep) for sep in separators if t.find(sep + " ") > 0]
+        if not cuts:
+            raise DataError(f"corpus line {t!r} has none of the separators {separators}")
+        i, sep = min(cuts)
+        prompts.append(t[: i + len(sep)])
+        answers.append(t[i + len(sep) + 1:])
+    return {"prompt": prompts, "answer": answers}
+
+
+def echo_word(rng: random.Random, reserved: set[str]) -> str:
+    """A random lowercase command word (3-8 letters) that is none of ``reserved``."""
+    while True:
+        w = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 8)))
+        if w not in reserved:
+            return w
+
+
+def corpus(skills: SkillsParams, syn: SynthesizeParams, alias_skills: list[str] | None = None) -> DatasetDict:
+    """Copy lines, and a ``corpus_skill_fraction`` share of :func:`alias_line` lines (in
+    ``synthesize.alias_form`` with ``synthesize.alias_separator``; ``alias_skills``: the skills
+    shown, default all training skills).
+
+    ``synthesize.echo_fraction``: share of the copy lines whose command is a random word instead of
+    ``copy`` (``"blorp abc = abc"``): the base then echoes the input for any command it does
+    not know, so an expert replaying these lines learns to act on *its* command only.
+    ``synthesize.echo_answer``: ``"input"`` (echo the input) or ``"name"`` (answer with the command word,
+    ``"blorp abc = blorp"``, which no skill's answer equals, so no skill leaks into the base:
+    echoing the input answers ``sort`` right whenever its input is already sorted)."""
+    alias_separator, alias_form = syn.alias_separator, syn.alias_form
+    echo_fraction, echo_answer = syn.echo_fraction, syn.echo_answer
     rng = skill_rng(syn.seed, "corpus")
     max_len = max(skills.level(s) for s in skills.all) + 2
-    # Drawn from a separate stream so the copy lines are the same whatever the fraction.
+    # Drawn from separate streams so the copy lines are the same whatever the fractions.
     skill_rng_ = skill_rng(syn.seed, "corpus-skills")
-    lines = [alias_line(skill_rng_, skills) if skill_rng_.random() < syn.corpus_skill_fraction
-             else corpus_line(rng, skills.all, max_len) for _ in range(syn.corpus_size)]
+    echo_rng = skill_rng(syn.seed, "corpus-echo")
+    reserved = {"copy", *skills.all, *(alias(s, alias_form) for s in skills.all)}
+
+    def copy_line() -> str:
+        line = corpus_line(rng, skills.all, max_len)
+        if echo_fraction and echo_rng.random() < echo_fraction:
+            word = echo_word(echo_rng, reserved)
+            line = word + line[len("copy"):]
+            if echo_answer == "name":
+                line = line[: line.index(" = ") + 3] + word
+        return line
+
+    lines = [alias_line(skill_rng_, skills, alias_separator, alias_form, alias_skills)
+             if skill_rng_.random() < syn.corpus_skill_fraction
+             else copy_line() for _ in range(syn.corpus_size)]
     n_val = max(1, min(500, syn.corpus_size // 20))
     return DatasetDict({
         "train": _dataset({"text": lines[n_val:]}, "corpus/train"),

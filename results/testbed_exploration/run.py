@@ -2,8 +2,6 @@
 
     PYTHONPATH=. python results/testbed_exploration/run.py '{"frac": 0.7, "sep": " =", "echo": 0.8, "echo_answer": "name", ...}'
 
-Needs the corpus knobs as params (synthesize.alias_separator, alias_form, echo_fraction,
-echo_answer), which are on branch ``testbed-knobs`` until issue 15 makes them the defaults.
 Not part of the repo's lib: the exploration driver of issue 15 that produced results.csv and
 logs/ here (one config per row; the experts' corpus replay is done here by concatenating
 corpus rows, not yet an experts param). Appends to results.csv beside it; caches in cache/ (ignored).
