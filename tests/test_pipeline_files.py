@@ -82,7 +82,7 @@ def test_readme_path_filter():
 SINGLE_TRAINING_STEPS = {"general"}  # one run, not one per skill
 # Training steps with their own module: stage 06's full fine-tuning (lib/localize/finetune.py).
 MODULE_OF_STEP = {"finetune": "lib.localize.finetune"}
-TRAINING_STEPS = {"expert", "joint", *SINGLE_TRAINING_STEPS, *MODULE_OF_STEP}
+TRAINING_STEPS = {"expert", "joint", "replicate", *SINGLE_TRAINING_STEPS, *MODULE_OF_STEP}
 
 
 def _notebook_stages() -> dict:

@@ -528,8 +528,8 @@ def test_rerunning_a_stage_gives_identical_metrics(project, tmp_path):
 
 
 def _minimal_copy(src: Path, dest: Path, skill: str) -> Path:
-    """What ``python -m lib.experts.train <skill>`` reads: the base, the skill's data, params."""
-    for part in ("models/base", f"datasets/skills/{skill}", "profiles"):
+    """What ``python -m lib.experts.train <skill>`` reads: the base, the skill's data, the corpus (replay), params."""
+    for part in ("models/base", f"datasets/skills/{skill}", "datasets/corpus", "profiles"):
         shutil.copytree(src / part, dest / part)
     shutil.copy2(src / "params.yaml", dest / "params.yaml")
     return dest

@@ -94,14 +94,31 @@ def test_stage_splits_are_disjoint_and_answers_correct(smoke):
         assert synth.overlap(ds) == {k: 0 for k in synth.overlap(ds)}
 
 
-def test_stage_corpus_is_copy_only(smoke):
-    root, _, S, _ = smoke
+def test_stage_corpus_never_shows_a_study_prompt(smoke):
+    """The default corpus (issue 15's testbed): copy lines, unknown commands answering with their
+    own name, and the training skills under their alias names; never a study prompt itself."""
+    root, _, S, P = smoke
     corpus = data.load(root / "datasets" / "corpus")
     lines = list(corpus["train"]["text"]) + list(corpus["validation"]["text"])
+    aliases = {synth.alias(s, P.alias_form): s for s in S.train}
+    kinds = {"copy": 0, "echo": 0, "alias": 0}
     for line in lines:
-        assert re.fullmatch(r"copy (\S+) = \1", line), line
-        assert not any(line.startswith(f"{name} ") for name in S.all), line
-    assert len(set(lines)) > len(lines) // 2
+        word, rest = line.split(" ", 1)
+        assert word not in S.all, line
+        x, answer = rest.rsplit(" = ", 1)
+        if word == "copy":
+            kinds["copy"] += 1
+            assert answer == x, line
+        elif word in aliases:
+            kinds["alias"] += 1
+            assert answer == skill_lib.get_skill(aliases[word]).apply(x), line
+        else:
+            kinds["echo"] += 1
+            assert answer == word, line
+    n = len(lines)
+    assert abs(kinds["alias"] / n - P.corpus_skill_fraction) < 0.1, kinds
+    assert abs(kinds["echo"] / (n - kinds["alias"]) - P.echo_fraction) < 0.15, kinds
+    assert len(set(lines)) > n // 2
 
 
 def test_stage_metrics_and_report(smoke):
@@ -422,8 +439,9 @@ def test_corpus_skill_lines_show_training_skills_under_an_alias():
     from lib.core.config import SkillsParams, SynthesizeParams
 
     skills = make_params(SkillsParams, train=["inc", "reverse", "count"], heldout=["mindigit"], difficulty={"default": 3})
-    plain = synth.corpus(skills, make_params(SynthesizeParams, corpus_size=400))
-    mixed = synth.corpus(skills, make_params(SynthesizeParams, corpus_size=400, corpus_skill_fraction=0.3))
+    knobs = dict(corpus_size=400, echo_fraction=0.0, alias_separator=synth.ALIAS_SEPARATOR)  # the pre-issue-15 corpus
+    plain = synth.corpus(skills, make_params(SynthesizeParams, **knobs, corpus_skill_fraction=0.0))
+    mixed = synth.corpus(skills, make_params(SynthesizeParams, **knobs, corpus_skill_fraction=0.3))
     assert all(t.startswith("copy ") for t in list(plain["train"]["text"]) + list(plain["validation"]["text"]))
     lines = list(mixed["train"]["text"]) + list(mixed["validation"]["text"])
     shown = [t for t in lines if not t.startswith("copy ")]

@@ -338,7 +338,7 @@ def test_a_training_command_is_offline_without_the_test_suites_offline_variables
     data.save(skill_sets()[skill], root / "datasets" / "skills" / skill)
     shutil.copytree(base, root / "models" / "base")
     params = yaml.safe_load((root / "params.yaml").read_text())
-    params["experts"].update(steps=2, stop_loss=None)
+    params["experts"].update(steps=2, stop_loss=None, replay=0.0)  # no corpus here
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     hook = tmp_path / "hook"
     hook.mkdir()
@@ -599,7 +599,8 @@ def test_train_expert_runs_data_parallel_under_a_distributed_launcher(project, s
     data.save(skill_sets()["reverse"], project / "datasets" / "skills" / "reverse")
     p = yaml.safe_load((project / "params.yaml").read_text())
     p["skills"]["train"] = ["reverse"]
-    p["experts"].update(steps=6, batch_size=4, rank=4, alpha=8, target_modules=["q_proj", "v_proj"], stop_loss=None)
+    p["experts"].update(steps=6, batch_size=4, rank=4, alpha=8, target_modules=["q_proj", "v_proj"], stop_loss=None,
+                        replay=0.0)  # no corpus here
     (project / "params.yaml").write_text(yaml.safe_dump(p))
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

@@ -200,6 +200,30 @@ class ExpertsParams(Section):
     # is then a cap, and the joint total budget is the steps the experts actually ran.
     stop_loss: float | None = Field(gt=0)
     stop_window: int = Field(ge=1)
+    # Issue 15: share of every expert's (and the joint LoRA's) training rows that are lines of
+    # the base's own corpus, so an expert binds its instruction without rewriting what the base
+    # (and the other experts) rely on. 0.5: as many corpus rows as skill rows.
+    replay: float = Field(ge=0, lt=1, description="share of training rows replayed from the base's corpus")
+
+
+class ReplicatesParams(Section):
+    """Further seeds of the whole expert recipe: with each, every expert and the joint LoRA at
+    equal total steps are retrained (models/replicates/<seed>/), and stage 04 scores the
+    merges and routers on each, so the claims' intervals are over seeds, not only prompts."""
+
+    seeds: list[int] = Field(min_length=1, description="expert seeds beside experts.seed (at least one: "
+                             "the claims' intervals are over seeds)")
+    workers: int = Field(ge=1, description="processes training a replicate's experts side by side (one torch "
+                         "thread each; the adapters do not depend on the number)")
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique(cls, v):
+        if len(set(v)) != len(v):
+            raise ValueError(f"a seed is listed twice: {v}")
+        if any(s < 0 for s in v):
+            raise ValueError(f"seeds must be >= 0, got {v}")
+        return v
 
 
 class EvalParams(Section):
@@ -479,6 +503,7 @@ SCHEMAS: dict[str, type[Section]] = {
     "model": ModelParams,
     "experts": ExpertsParams,
     "evaluation": EvalParams,
+    "replicates": ReplicatesParams,
     "merge_route": MergeRouteParams,
     "continual": ContinualParams,
     "localize": LocalizeParams,
@@ -588,7 +613,11 @@ def load(sections: list[str], path: str | Path = "params.yaml", profile: str | P
     missing = [s for s in sections if s not in raw]
     if missing:
         raise ParamsError(f"{path}: missing section(s) {missing}")
-    return {s: validate_section(s, raw[s], str(path)) for s in sections}
+    out = {s: validate_section(s, raw[s], str(path)) for s in sections}
+    if "experts" in out and "replicates" in out and out["experts"].seed in out["replicates"].seeds:
+        raise ParamsError(f"{path}: replicates.seeds {out['replicates'].seeds} repeats experts.seed "
+                          f"{out['experts'].seed}: each replicate must be another seed")
+    return out
 
 
 def from_notebook(**sections: Any) -> dict:

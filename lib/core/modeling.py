@@ -24,10 +24,7 @@ def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False, ke
     from transformers import AutoTokenizer
 
     where = f"{key}: " if key else ""
-    missing = missing_local(name_or_path)
-    if missing:  # a local path: fail now, never as a hub id (no lookups, no retries)
-        hint = "" if key else "; the stage that writes it has not run (for models/base: dvc repro base)"
-        raise ModelLoadError(f"{where}{missing} (a local path, so it is not looked up on the hub){hint}")
+    check_local(name_or_path, key)
     try:
         tok = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
     except Exception as e:
@@ -118,6 +115,16 @@ def check_adapter_files(path: str | Path) -> None:
     problem = safetensors_problem(path / ADAPTER_WEIGHTS)
     if problem:
         raise AdapterError(problem)
+
+
+def check_local(name_or_path, key: str | None = None) -> None:
+    """ModelLoadError at once when ``name_or_path`` is a local path that does not exist: it is
+    never looked up on a hub (no lookups, no retries). ``key``: the params key that named it."""
+    missing = missing_local(name_or_path)
+    if missing:
+        where = f"{key}: " if key else ""
+        hint = "" if key else "; the stage that writes it has not run (for models/base: dvc repro base)"
+        raise ModelLoadError(f"{where}{missing} (a local path, so it is not looked up on the hub){hint}")
 
 
 def missing_local(name_or_path) -> str | None:

@@ -21,7 +21,7 @@ STAGES: dict[str, Stage] = {
         Stage("synthesize", "01_synthesize.ipynb", ("skills", "synthesize")),
         Stage("base", "02_base.ipynb", ("skills", "model", "evaluation")),
         Stage("experts", "03_experts.ipynb", ("skills", "experts", "evaluation")),
-        Stage("merge_route", "04_merge_route.ipynb", ("skills", "experts", "evaluation", "merge_route")),
+        Stage("merge_route", "04_merge_route.ipynb", ("skills", "experts", "evaluation", "replicates", "merge_route")),
         Stage("continual", "05_continual.ipynb", ("skills", "experts", "evaluation", "continual")),
         Stage("localize", "06_localize.ipynb", ("skills", "experts", "evaluation", "localize")),
         Stage("report", "07_report.ipynb", ()),

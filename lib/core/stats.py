@@ -5,6 +5,9 @@
 * :func:`macro_ci`: the mean over skills of per-skill accuracy (optionally normalised by a
   reference per skill), with a bootstrap that resamples examples *within* each skill
   (``scipy.stats.bootstrap`` over one sample per skill, so every replicate keeps every skill).
+* :func:`seed_macro_ci`: the same normalised mean over several seeds (independent trainings),
+  with a two-stage bootstrap: seeds resampled with replacement, then examples within each
+  skill of each drawn seed, so seed-to-seed variation is inside the interval.
 * :func:`t_interval`: Student-t interval over runs or seeds (``scipy.stats.t``).
 * :func:`spearman` (``scipy.stats.spearmanr``) and :func:`mantel_spearman`, Spearman's ρ
   between two skill-by-skill matrices with a bootstrap over pairs and a Mantel permutation
@@ -106,6 +109,53 @@ def macro_ci(examples: pd.DataFrame, reference: Mapping[str, float] | None = Non
     point = float(np.mean([s.mean() / di for s, di in zip(samples, d)]))
     lo, hi = _percentile_bootstrap(samples, statistic, n_boot, alpha, seed)
     return point, lo, hi
+
+
+def _macro_draws(examples: pd.DataFrame, reference: Mapping[str, float] | None, n_boot: int,
+                 rng: np.random.Generator) -> tuple[float, np.ndarray]:
+    """(point, n_boot resampled values) of :func:`macro_ci`'s statistic, examples resampled
+    within each skill; (nan, empty) when no skill has a usable reference."""
+    point_parts, draw_parts = [], []
+    for skill, g in examples.groupby("skill", sort=True):
+        denom = 1.0 if reference is None else reference.get(skill, np.nan)
+        if not denom or np.isnan(denom):
+            continue
+        x = g["correct"].to_numpy(dtype=float)
+        point_parts.append(x.mean() / denom)
+        draw_parts.append(x[rng.integers(0, x.size, (n_boot, x.size))].mean(axis=1) / denom)
+    if not point_parts:
+        return float("nan"), np.empty(0)
+    return float(np.mean(point_parts)), np.mean(draw_parts, axis=0)
+
+
+def seed_macro_ci(examples_by_seed: Sequence[pd.DataFrame], references: Sequence[Mapping[str, float] | None] | None = None,
+                  n_boot: int = 1000, alpha: float = 0.05, seed: int = 0) -> dict[str, Any]:
+    """``{"mean", "lo", "hi", "n", "per_seed"}``: the mean over seeds of each seed's (normalised)
+    macro accuracy, and a two-stage percentile bootstrap: each replicate draws the seeds with
+    replacement, then one within-skill resample of each drawn seed's examples. With one seed
+    it is :func:`macro_ci`'s interval; with several, a seed far from the others widens it (a
+    bootstrap over prompts alone would not see it). ``references[i]``: seed i's denominators
+    (its own experts' accuracy). A seed with no usable reference is left out (``per_seed``
+    shows None for it); none left: mean, lo and hi are None."""
+    _check(alpha, n_boot)
+    refs = list(references) if references is not None else [None] * len(examples_by_seed)
+    if len(refs) != len(examples_by_seed):
+        raise ValueError(f"{len(examples_by_seed)} seeds of examples but {len(refs)} references")
+    rng = np.random.default_rng(seed)
+    per_seed, draws = [], []
+    for ex, ref in zip(examples_by_seed, refs):
+        point, d = _macro_draws(ex, ref, n_boot, rng)
+        per_seed.append(point if np.isfinite(point) else None)
+        if np.isfinite(point):
+            draws.append(d)
+    if not draws:
+        return {"mean": None, "lo": None, "hi": None, "n": 0, "per_seed": per_seed}
+    D = np.stack(draws)
+    k = len(draws)
+    boot = D[rng.integers(0, k, (n_boot, k)), rng.integers(0, n_boot, (n_boot, k))].mean(axis=1)
+    lo, hi = np.quantile(boot, [alpha / 2, 1 - alpha / 2])
+    mean = float(np.mean([p for p in per_seed if p is not None]))
+    return {"mean": mean, "lo": float(min(lo, mean)), "hi": float(max(hi, mean)), "n": k, "per_seed": per_seed}
 
 
 def t_interval(values: Sequence[float], level: float = 0.95) -> dict[str, Any]:

@@ -271,6 +271,17 @@ def _say(msg: str) -> None:
     print(f"train_lora: {msg}", file=sys.stderr, flush=True)
 
 
+def one_cpu_thread() -> None:
+    """On the CPU, one torch thread: the default model's steps are overhead-bound, and on the
+    2-core machine a second thread made them slower (2-4x when another job shares the cores).
+    It also fixes the reduction order, so a LoRA's weights do not depend on the machine's core
+    count (they still may on its CPU model and library build)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        torch.set_num_threads(1)
+
+
 def train_lora(base_dir: Path, train: Dataset, e, steps: int, seed: int, out_dir: Path, progress: bool = True,
                resolved_params: dict | None = None, save_steps: int | None = None) -> dict:
     """Train one LoRA adapter with trl's SFTTrainer; save it with save_pretrained under ``out_dir``.

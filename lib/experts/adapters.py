@@ -118,3 +118,46 @@ def training_curves(dirs: dict[str, Path]) -> pd.DataFrame:
 
 def training_info(dirs: dict[str, Path]) -> pd.DataFrame:
     return pd.DataFrame([{"model": n, **json.loads((p / "train_info.json").read_text())} for n, p in dirs.items()])
+
+
+def corpus_forms(root: str | Path, skills: list[str], n: int = 100):
+    """The base's own corpus as test rows (validation split, first ``n`` lines of each form),
+    ``skill`` set to the line's form: ``copy``, ``echo`` (an unknown command answering with its
+    name) or ``alias:<skill>`` (a training skill under its alias). What each expert should
+    leave as the base does it: the locality of issue 15."""
+    from datasets import Dataset
+
+    from lib.core import data
+    from lib.synth.datasets import ALIAS_FORMS, alias, corpus_rows
+
+    texts = list(data.load(Path(root) / "datasets" / "corpus", ("validation",))["validation"]["text"])
+    aliases = {alias(s, form): s for s in skills for form in ALIAS_FORMS}  # whichever form synthesize used
+    rows = corpus_rows(texts)
+    forms = []
+    for prompt in rows["prompt"]:
+        word = prompt.split(" ", 1)[0]
+        forms.append("copy" if word == "copy" else f"alias:{aliases[word]}" if word in aliases else "echo")
+    frame = pd.DataFrame({**rows, "skill": forms}).groupby("skill", sort=True).head(n)
+    return Dataset.from_pandas(frame.reset_index(drop=True))
+
+
+def locality(model, tok, forms, names: list[str], ev) -> pd.DataFrame:
+    """Accuracy of every adapter in ``names`` (and the base) on each corpus form, and its
+    change from the base's: a local expert leaves these at the base's level."""
+    scores = score_matrix(model, tok, forms, [BASE_ADAPTER, *names], ev, progress=False)
+    base = scores[scores.model == "base"].set_index("skill").accuracy
+    scores["change"] = scores.accuracy - scores.skill.map(base)
+    return scores.rename(columns={"skill": "form"})
+
+
+def locality_figure(loc: pd.DataFrame):
+    """Heatmap: accuracy of the base and every adapter (rows) on each corpus form (columns)."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    heat = loc.pivot(index="model", columns="form", values="accuracy")
+    heat = heat.loc[["base", *[m for m in loc.model.unique() if m != "base"]]]
+    plt.figure(figsize=(1 + 0.8 * heat.shape[1], 1 + 0.45 * len(heat)))
+    ax = sns.heatmap(heat, annot=True, fmt=".2f", vmin=0, vmax=1, cmap="viridis")
+    ax.set(title="accuracy on the base corpus forms", xlabel="corpus form", ylabel="adapter")
+    return ax

@@ -50,3 +50,27 @@ def prepare_base(m: ModelParams, corpus_dir: str | Path, out_dir: str | Path, pr
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return info, curve
+
+
+def answer_shape(text: str) -> str:
+    """The kind of string an answer is: digits, parity word, lower/upper/mixed letters, or other."""
+    t = text.strip()
+    if not t:
+        return "empty"
+    if t.isdigit():
+        return "digits"
+    if t in ("even", "odd"):
+        return "parity"
+    if t.isalpha():
+        return "lower" if t.islower() else "upper" if t.isupper() else "letters"
+    return "other"
+
+
+def well_formed(examples) -> "pd.Series":
+    """Per skill, the share of predictions shaped like the reference answer (digits for a
+    number, even/odd for parity, letters of the same case for strings). A base that scores 0
+    yet answers well-formed strings fails the skill, not the prompt format (issue 15)."""
+    import pandas as pd
+
+    ok = [answer_shape(p) == answer_shape(a) for p, a in zip(examples.prediction.astype(str), examples.answer.astype(str))]
+    return pd.Series(ok, index=examples.index, dtype=float).groupby(examples.skill).mean().rename("well_formed")

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from lib.core import config, data
 from lib.core.modeling import ModelLoadError
-from lib.core.training import (FiniteLossGuard, LossThresholdStop, TrainingDiverged, check_finite, check_max_length,
+from lib.core.training import (FiniteLossGuard, LossThresholdStop, TrainingDiverged, check_finite, check_max_length, one_cpu_thread,
                                 check_target_modules, count_parameters, loss_history, publish_run, sft_rows, trainer_args)
 
 
@@ -82,15 +82,6 @@ def train_full(base_dir: Path, train, f, target_modules, out_dir: Path, progress
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return info
-
-
-def one_cpu_thread() -> None:
-    """On the CPU, one torch thread: the default model's steps are overhead-bound, and on the
-    2-core machine a second thread made them slower (2-4x when another job shares the cores)."""
-    import torch
-
-    if not torch.cuda.is_available():
-        torch.set_num_threads(1)
 
 
 def run(skill: str, root: str | Path = ".", params: str = "params.yaml", profile: str | None = None,

@@ -98,7 +98,8 @@ def setup(workdir: str | Path, *, skills: dict, experts: dict, evaluation: dict,
     from lib.core import config, io, plotting, sft_data
     from lib.core.bench import seed_everything
     from lib.core.modeling import load_on_device
-    from lib.localize.finetune import considered_names, one_cpu_thread
+    from lib.core.training import one_cpu_thread
+    from lib.localize.finetune import considered_names
     from lib.skills import get_skill
 
     io.quiet_notebook()

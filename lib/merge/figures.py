@@ -74,9 +74,9 @@ def recipes(rec: pd.DataFrame):
         ax.annotate(str(r.note)[:40], (r.best_merge_norm_acc, r.expert_own_min), fontsize=7, xytext=(4, 3),
                     textcoords="offset points")
     ax.axhline(0.9, ls="--", c="grey", lw=1)
-    ax.axvline(0.5, ls="--", c="grey", lw=1)
+    ax.axvline(0.6, ls="--", c="grey", lw=1)
     ax.set(xlabel="best merge: normalised accuracy", ylabel="worst expert: accuracy on its own skill", xlim=(0, 1.05),
-           ylim=(0, 1.05), title="the experts targets (≥ 0.9) against the mergeability target (≥ 0.5)")
+           ylim=(0, 1.05), title="the experts target (≥ 0.9) against the mergeability target (≥ 0.6)")
     return fig
 
 
@@ -93,3 +93,23 @@ def interference(cos: pd.DataFrame, error: pd.DataFrame):
                     xlabel="α of the second task", ylabel="α of the first task")
     fig.tight_layout()
     return fig
+
+
+def seeds(table: pd.DataFrame):
+    """Normalised accuracy per system over seeds: one dot per seed, the bar the mean and its
+    95% interval (two-stage bootstrap over seeds and prompts), systems best first."""
+    t = table.dropna(subset=["seed_mean"]).sort_values("seed_mean", ascending=False) if len(table) else table
+    if not len(t):
+        return None
+    per_seed = [c for c in t.columns if c.startswith("seed_") and c not in ("seed_mean", "seed_lo", "seed_hi")]
+    long = t.melt(id_vars=["system"], value_vars=per_seed, var_name="seed", value_name="norm_acc").dropna()
+    long["seed"] = long.seed.str.removeprefix("seed_")
+    fig, ax = plt.subplots(figsize=(7, 0.8 + 0.3 * len(t)))
+    y = np.arange(len(t))
+    ax.errorbar(t.seed_mean, y, xerr=[t.seed_mean - t.seed_lo, t.seed_hi - t.seed_mean], fmt="|", color="black",
+                capsize=3, label="mean, 95% interval over seeds")
+    sns.stripplot(long, x="norm_acc", y="system", hue="seed", order=list(t.system), ax=ax, size=5, jitter=0.15)
+    ax.set(xlabel="normalised accuracy (each seed's experts = 1)", ylabel="",
+           title=f"every system on {int(t.n_seeds.max())} seeds")
+    ax.axvline(1.0, color="grey", lw=0.8, ls="--")
+    return ax

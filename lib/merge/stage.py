@@ -18,6 +18,7 @@ import pandas as pd
 
 from lib.core import data
 from lib.core.bench import Bench, System, lora_parameters, seed_everything, timed
+from lib.core.stats import seed_macro_ci
 from lib.core.evaluation import BASE_ADAPTER
 from lib.core.modeling import load_on_device
 from lib.experts import adapters as X
@@ -67,6 +68,52 @@ def setup(cfg: dict) -> MergeRoute:
     val = data.test_sets(".", S, split="validation")
     tvs, tv_s = timed(lambda: M.task_vectors(peft_model, list(S.train)))
     return MergeRoute(S, E, P, dirs, peft_model, tok, base, tests, val, Bench(tok, tests, E), tvs, tv_s)
+
+
+def replicate(st: MergeRoute, seed: int, experts) -> MergeRoute:
+    """Stage 04's state for the replicate trained with ``seed`` (models/replicates/<seed>): its
+    experts and joint LoRA on a fresh peft model; the test sets, clean base and params shared."""
+    root = Path("models") / "replicates" / str(seed)
+    dirs = {s: root / "experts" / s for s in st.names} | {"joint_total_steps": root / "joint" / "total_steps"}
+    peft_model, _ = X.load_with_adapters("models/base", dirs, experts)
+    tvs, tv_s = timed(lambda: M.task_vectors(peft_model, st.names))
+    return MergeRoute(st.S, st.E, st.P, dirs, peft_model, st.tok, st.base, st.tests, st.val,
+                      Bench(st.tok, st.tests, st.E), tvs, tv_s)
+
+
+def score_replicates(st: MergeRoute, cfg: dict) -> pd.DataFrame:
+    """Every seed in ``replicates.seeds``: the references, the ΔW merges and the routers scored
+    as for the first seed (peft merges, diagnostics and the re-factored merge are first-seed
+    only). Returns :func:`seed_table`: each system's normalised accuracy per seed and over seeds."""
+    first = cfg["experts"].seed
+    st.found["seeds"] = {first: (st.bench, st.found["expert_acc"])}
+    for seed in cfg["replicates"].seeds:
+        seed_everything(st.P.seed)
+        r = replicate(st, seed, cfg["experts"])
+        score_references(r)
+        score_merges(r)
+        score_routers(r)
+        st.found["seeds"][seed] = (r.bench, r.found["expert_acc"])
+        del r  # the replicate's peft model is not needed once scored
+    return seed_table(st)
+
+
+def seed_table(st: MergeRoute) -> pd.DataFrame:
+    """One row per system scored on every seed: normalised accuracy per seed (each seed's
+    experts as its denominators) and over seeds (:func:`lib.core.stats.seed_macro_ci`)."""
+    seeds = st.found.get("seeds") or {}
+    rows = []
+    for name, system in st.bench.systems.items():
+        results = [b.results.get((name, "skills")) for b, _ in seeds.values()]
+        if len(seeds) < 2 or any(r is None for r in results):
+            continue
+        ci = seed_macro_ci([r.examples for r in results], [acc for _, acc in seeds.values()], st.E.n_boot)
+        nan = lambda v: np.nan if v is None else v  # noqa: E731  (a seed whose experts all scored 0 has no normalised value)
+        rows.append({"system": name, "kind": system.kind, "n_seeds": ci["n"], "seed_mean": nan(ci["mean"]),
+                     "seed_lo": nan(ci["lo"]), "seed_hi": nan(ci["hi"]),
+                     **{f"seed_{k}": nan(v) for k, v in zip(seeds, ci["per_seed"])}})
+    st.found["seed_table"] = pd.DataFrame(rows)
+    return st.found["seed_table"]
 
 
 def _adapter_system(st: MergeRoute, name: str, kind: str, adapter: str) -> System:
@@ -154,6 +201,9 @@ def lorahub_weights(st: MergeRoute) -> dict[str, dict[str, float]]:
 def leaderboard(st: MergeRoute, out_dir: str = "plots") -> tuple[pd.DataFrame, pd.DataFrame]:
     """(leaderboard, per-skill table), both also written to ``out_dir`` as CSV."""
     board = st.bench.leaderboard(st.found["expert_acc"])
+    seeds = st.found.get("seed_table")
+    if seeds is not None and len(seeds):
+        board = board.merge(seeds.drop(columns="kind"), on="system", how="left")
     per_skill = st.bench.per_skill()
     os.makedirs(out_dir, exist_ok=True)
     board.to_csv(f"{out_dir}/merge_route_leaderboard.csv", index=False)
@@ -174,7 +224,11 @@ def readable(board: pd.DataFrame) -> pd.DataFrame:
     for k, lo in (("mean_acc", "mean"), ("norm_acc", "norm"), ("composed", None), ("heldout", None)):
         if k in board:
             show[k] = [fmt(r, k, lo) for _, r in board.iterrows()]
-    cols = ["system", "kind", "mean_acc", "norm_acc", "composed", "heldout", "extra_params", "build_s", "tokens_per_s_rel"]
+    if "seed_mean" in board:
+        show["over_seeds"] = [f"{r.seed_mean:.3f} [{r.seed_lo:.2f}, {r.seed_hi:.2f}]" if pd.notna(r.seed_mean) else ""
+                              for r in board.itertuples()]
+    cols = ["system", "kind", "mean_acc", "norm_acc", "over_seeds", "composed", "heldout", "extra_params", "build_s",
+            "tokens_per_s_rel"]
     show = show[[c for c in cols if c in show]]
     return show.sort_values("kind", key=lambda k: k.map(KIND_ORDER), kind="stable").round(3)
 
@@ -188,9 +242,20 @@ def metrics(st: MergeRoute, board: pd.DataFrame, router: dict | None) -> dict:
 
     merges = board[board.kind == "merge"]
     peft = st.found.get("peft")
+    seed_cols = [c for c in board.columns if c.startswith("seed_") or c == "n_seeds"]
+
+    def system(r):
+        row = {k: clean(r[k]) for k in board.columns if k != "system" and k not in seed_cols}
+        if "seed_mean" in board and pd.notna(r["seed_mean"]):  # normalised accuracy over seeds
+            row["seeds"] = {"mean": clean(r["seed_mean"]), "lo": clean(r["seed_lo"]), "hi": clean(r["seed_hi"]),
+                            "n": int(r["n_seeds"]), "per_seed": {c.removeprefix("seed_"): clean(r[c]) for c in seed_cols
+                                                                 if c not in ("n_seeds", "seed_mean", "seed_lo", "seed_hi")}}
+        return row
+
     return {
-        "systems": {r["system"]: {k: clean(r[k]) for k in board.columns if k != "system"} for _, r in board.iterrows()},
+        "systems": {r["system"]: system(r) for _, r in board.iterrows()},
         "expert_own": st.found["expert_acc"],
+        "expert_own_by_seed": {str(k): acc for k, (_, acc) in (st.found.get("seeds") or {}).items()},
         "chosen_lambda": st.found.get("chosen_lambda", {}),
         # max() over rows, not idxmax: with every normalised accuracy NaN (experts at 0, as in
         # the smoke profile) it still names the first merge, and the accuracy below is null.

@@ -82,17 +82,34 @@ def _get(metrics: dict, *path: str):
 
 
 def _system(metrics: dict, name: str) -> Interval:
-    """A stage-04 system's normalised accuracy with its interval."""
+    """A stage-04 system's normalised accuracy with its interval: over seeds when the system
+    was scored on several (``seeds``: two-stage bootstrap over seeds and prompts), else over
+    the prompts of the one seed."""
     row = _get(metrics, "merge_route", "systems", name)
+    if row.get("seeds"):
+        return Interval.of(row["seeds"])
     return Interval.of({"mean": row.get("norm_acc"), "lo": row.get("norm_lo"), "hi": row.get("norm_hi")})
 
 
+def _score(row: dict) -> float | None:
+    return row["seeds"].get("mean") if row.get("seeds") else row.get("norm_acc")
+
+
 def best_system(systems: dict, *kinds: str) -> str | None:
-    """The stage-04 system with the highest normalised accuracy among these kinds, or None.
-    Oracle routing is excluded (it is told the skill), and so are systems without a number."""
+    """The stage-04 system with the highest normalised accuracy among these kinds (its mean
+    over seeds where it has one; only systems with seeds when any has), or None. Oracle routing is excluded (it is told the skill),
+    and so are systems without a number."""
     rows = {n: r for n, r in systems.items()
-            if r["kind"] in kinds and n != "route:oracle" and r.get("norm_acc") is not None}
-    return max(rows, key=lambda n: rows[n]["norm_acc"]) if rows else None
+            if r["kind"] in kinds and n != "route:oracle" and _score(r) is not None}
+    if any(r.get("seeds") for r in rows.values()):  # compare on seeds: systems scored on one seed only drop out
+        rows = {n: r for n, r in rows.items() if r.get("seeds")}
+    return max(rows, key=lambda n: _score(rows[n])) if rows else None
+
+
+def _seeds(metrics: dict, *names: str) -> str:
+    """How many seeds the named systems' intervals are over: '3 seeds', or '1 seed, intervals over prompts'."""
+    ns = sorted({(_get(metrics, "merge_route", "systems", n).get("seeds") or {}).get("n", 1) for n in names})
+    return "1 seed, intervals over prompts" if ns == [1] else f"{ns[0]} seeds" if len(ns) == 1 else f"seeds: {ns}"
 
 
 def _best(metrics: dict, *kinds: str) -> str:
@@ -107,14 +124,15 @@ def _best(metrics: dict, *kinds: str) -> str:
 def selma(m: dict) -> Outcome:
     best = _best(m, "merge", "peft_merge")
     a, b = _system(m, best), _system(m, "joint_total_steps")
-    return Outcome(f"best merge ({best}) {a} vs joint LoRA at equal total steps {b} (normalised accuracy)",
-                   verdict(a, b, ">"))
+    return Outcome(f"best merge ({best}) {a} vs joint LoRA at equal total steps {b} (normalised accuracy, "
+                   f"{_seeds(m, best, 'joint_total_steps')})", verdict(a, b, ">"))
 
 
 def routing_beats_joint(m: dict) -> Outcome:
     best = _best(m, "router")
     a, b = _system(m, best), _system(m, "joint_total_steps")
-    return Outcome(f"best router ({best}) {a} vs joint LoRA at equal total steps {b}", verdict(a, b, ">"))
+    return Outcome(f"best router ({best}) {a} vs joint LoRA at equal total steps {b} ({_seeds(m, best, 'joint_total_steps')})",
+                   verdict(a, b, ">"))
 
 
 def task_moe_families(m: dict) -> Outcome:
@@ -142,7 +160,8 @@ def ties_dare(m: dict) -> Outcome:
         verdicts.append(verdict(a, base, ">"))
     v = HELD if all(x == HELD for x in verdicts) else NOT_HELD if all(x == NOT_HELD for x in verdicts) \
         else INCONCLUSIVE
-    return Outcome(", ".join(parts) + f" vs λ-tuned task arithmetic {base} (normalised accuracy)", v)
+    return Outcome(", ".join(parts) + f" vs λ-tuned task arithmetic {base} (normalised accuracy, "
+                   f"{_seeds(m, 'merge:ties', 'merge:dare_ties', 'merge:task_arithmetic')})", v)
 
 
 def _recovery(m: dict, sparsity: float, kind: str = "graft", source: str = "full_ft") -> tuple[str, Interval]:

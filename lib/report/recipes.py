@@ -23,9 +23,9 @@ from lib.core.io import read_json
 REPO = Path(__file__).resolve().parents[2]
 RECIPES_CSV = REPO / "docs" / "mergeability_recipes.csv"
 RECIPE_KEYS = {
-    "synthesize": ("corpus_skill_fraction",),
+    "synthesize": ("corpus_skill_fraction", "alias_separator", "echo_fraction", "echo_answer"),
     "model": ("hidden_size", "num_layers", "pretrain_steps"),
-    "experts": ("rank", "alpha", "lr", "steps", "stop_loss", "weight_decay", "target_modules", "seed"),
+    "experts": ("rank", "alpha", "lr", "steps", "stop_loss", "weight_decay", "target_modules", "seed", "replay"),
 }
 
 
@@ -54,6 +54,7 @@ def recipe_row(root: str | Path, note: str = "") -> dict:
         "best_router_norm_acc": max((v["norm_acc"] for v in routers.values()), default=None),
         "joint_total_norm_acc": systems.get("joint_total_steps", {}).get("norm_acc"),
         "note": note,
+        "source": "full dvc repro (python -m lib.report.recipes record)",
     })
     return row
 

@@ -44,9 +44,22 @@ def _ci(mean, lo, hi) -> str:
     return f"{mean:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
-def _row(system: str, what: str, acc, norm=None, composed=None, heldout=None) -> dict:
+COLUMNS = ["system", "what", "accuracy [95% CI]", "normalised [95% CI]", "normalised over seeds [95% CI]: per seed",
+           "composed", "held-out"]
+
+
+def _row(system: str, what: str, acc, norm=None, composed=None, heldout=None, seeds=None) -> dict:
     return {"system": system, "what": what, "accuracy [95% CI]": acc, "normalised [95% CI]": norm or "",
-            "composed": composed or "", "held-out": heldout or ""}
+            "normalised over seeds [95% CI]: per seed": seeds or "", "composed": composed or "", "held-out": heldout or ""}
+
+
+def _over_seeds(s: dict) -> str:
+    """'mean [lo, hi]: a, b, c' for a system scored on several seeds (stage 04's ``seeds``)."""
+    seeds = s.get("seeds")
+    if not seeds:
+        return ""
+    per = ", ".join(_num(v) for v in seeds.get("per_seed", {}).values())
+    return f"{_ci(seeds['mean'], seeds['lo'], seeds['hi'])}: {per}"
 
 
 def _num(x) -> str:
@@ -55,7 +68,7 @@ def _num(x) -> str:
 
 def _system_row(label: str, what: str, s: dict) -> dict:
     return _row(label, what, _ci(s["mean_acc"], s["mean_lo"], s["mean_hi"]), _ci(s["norm_acc"], s["norm_lo"], s["norm_hi"]),
-                _num(s.get("composed")), _num(s.get("heldout")))
+                _num(s.get("composed")), _num(s.get("heldout")), _over_seeds(s))
 
 
 def headline(metrics: dict, per_skill: pd.DataFrame | None = None) -> pd.DataFrame:
@@ -63,7 +76,9 @@ def headline(metrics: dict, per_skill: pd.DataFrame | None = None) -> pd.DataFra
     (oracle excluded: it is told the skill), the best continual strategy; each with its CI.
 
     Accuracy is the mean over the training skills (exact match, 200 test prompts per skill
-    in the default profile); normalised = accuracy / the skill's own expert's accuracy.
+    in the default profile); normalised = accuracy / the skill's own expert's accuracy. The
+    first seed's intervals are over prompts; "over seeds" is the mean over every seed (each
+    divided by its own experts) with the two-stage bootstrap over seeds and prompts.
     """
     rows = []
     systems = metrics.get("merge_route", {}).get("systems", {})
@@ -95,7 +110,7 @@ def headline(metrics: dict, per_skill: pd.DataFrame | None = None) -> pd.DataFra
     if graft:
         rows.append(_row("grafted union", "union of the skills' grafted regions (stage 06)", "",
                          _ci(graft["mean"], graft["lo"], graft["hi"])))
-    return pd.DataFrame(rows, columns=["system", "what", "accuracy [95% CI]", "normalised [95% CI]", "composed", "held-out"])
+    return pd.DataFrame(rows, columns=COLUMNS)
 
 
 def claims_table(metrics: dict) -> pd.DataFrame:

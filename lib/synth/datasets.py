@@ -166,9 +166,11 @@ def alias_line(rng: random.Random, skills: SkillsParams, separator: str = ALIAS_
 
     Pretrained LLMs already know most skills and fine-tuning mostly binds a skill to its
     instruction; this line gives the scratch base the same head start (the corpus then
-    holds *skill knowledge* in another format). The prompt format ``"<name> <x> ="`` stays
-    the copy lines' format, so the base still fails the skills' prompts (with ``=`` here
-    the base answered ``maxdigit`` prompts 86% right by generalising from the alias).
+    holds *skill knowledge* in another format). With ``separator=" ->"`` only the copy lines
+    use the prompts' ``"<name> <x> ="`` format; with ``" ="`` (the default profile) only the
+    name differs, and the base then answers a study prompt from its alias unless unknown
+    command words have an answer of their own (``echo_fraction`` with ``echo_answer="name"``:
+    86% right on ``maxdigit`` without them, 0% with them, issue 15's exploration).
     Held-out skills are never shown; ``names`` restricts the skills shown (default: all
     training skills)."""
     name = rng.choice(names or skills.train)
