@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 
+import pandas as pd
 import yaml
 
 from conftest import dvc, readme_skill, smoke_params  # the `project` fixture (the smoke pipeline) lives in conftest
@@ -115,3 +116,27 @@ def test_a_noop_repro_runs_nothing(project):
     out = dvc(project, "repro")
     assert "Running stage" not in out and "is cached" not in out
     assert "Data and pipelines are up to date." in out
+
+
+def test_replicate_seeds_are_trained_and_scored(project):
+    """replicate@1: every expert and the joint LoRA retrained with seed 1 (other weights than seed
+    0's), and stage 04 scored the references, merges and routers on both seeds."""
+    from safetensors.torch import load_file
+
+    p = smoke_params(project)
+    skills, seeds = p["skills"]["train"], p["replicates"]["seeds"]
+    for seed in seeds:
+        root = project / "models" / "replicates" / str(seed)
+        for skill in skills:
+            info = json.loads((root / "experts" / skill / "train_info.json").read_text())
+            assert info["seed"] == seed
+        assert (root / "joint" / "total_steps" / "adapter_config.json").is_file()
+        a = load_file(project / "models" / "experts" / skills[0] / "adapter_model.safetensors")
+        b = load_file(root / "experts" / skills[0] / "adapter_model.safetensors")
+        assert any(not (a[k] == b[k]).all() for k in a), "seed changes nothing"
+    m = json.loads((project / "metrics" / "merge_route.json").read_text())
+    assert set(m["expert_own_by_seed"]) == {str(p["experts"]["seed"]), *map(str, seeds)}
+    board = pd.read_csv(project / "plots" / "merge_route_leaderboard.csv")
+    scored = board[board.kind.isin(["merge", "router", "joint"]) & board.n_seeds.notna()]
+    assert {f"merge:{x}" for x in p["merge_route"]["merges"]} | {"joint_total_steps"} <= set(scored.system)
+    assert (scored.n_seeds <= 1 + len(seeds)).all()

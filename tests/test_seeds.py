@@ -163,3 +163,21 @@ def test_well_formed_compares_the_shape_of_prediction_and_answer():
                        "answer": ["124", "10", "ABC", "XY", "even"],
                        "prediction": ["999", "inc", "ABD", "xy", "odd"]})
     assert well_formed(ex).to_dict() == {"inc": 0.5, "parity": 1.0, "upper": 0.5}
+
+
+def test_perturbation_check_flags_exactly_the_verdicts_that_changed():
+    """bench.perturb's comparison: the same metrics agree on every claim; a run where TIES fell
+    below task arithmetic flips ties_dare alone, and the table says so."""
+    import copy
+
+    from bench.perturb import compare, markdown
+    from test_report import metrics_fixture
+
+    ref = metrics_fixture()
+    assert all(r["same"] for r in compare(ref, copy.deepcopy(ref)))
+    other = copy.deepcopy(ref)
+    other["merge_route"]["systems"]["merge:ties"].update(norm_acc=0.1, norm_lo=0.09, norm_hi=0.11)
+    rows = compare(ref, other)
+    assert [r["claim"] for r in rows if not r["same"]] == ["ties_dare"]
+    text = markdown(rows, 1, (0.5, 0.51), 60.0)
+    assert "ties_dare | held | inconclusive **(differs)**" in text and f"{len(rows) - 1} of {len(rows)}" in text
