@@ -175,6 +175,7 @@ def test_recipe_row_reads_params_and_measured_metrics(tmp_path):
     (tmp_path / "metrics" / "merge_route.json").write_text(json.dumps({
         "best_merge": "merge:ties", "best_merge_norm_acc": 0.6,
         "systems": {"merge:ties": {"kind": "merge", "norm_acc": 0.6}, "route:a": {"kind": "router", "norm_acc": 0.97},
+                    "route:oracle": {"kind": "router", "norm_acc": 1.0},  # told the skill: never the best router
                     "route:b": {"kind": "router", "norm_acc": None}, "joint_total_steps": {"kind": "joint", "norm_acc": 0.99}}}))
     csv = tmp_path / "recipes.csv"
     recipes.record(tmp_path, "first", csv=csv)

@@ -181,3 +181,22 @@ def test_perturbation_check_flags_exactly_the_verdicts_that_changed():
     assert [r["claim"] for r in rows if not r["same"]] == ["ties_dare"]
     text = markdown(rows, 1, (0.5, 0.51), 60.0)
     assert "ties_dare | held | inconclusive **(differs)**" in text and f"{len(rows) - 1} of {len(rows)}" in text
+
+
+def test_report_figures_state_the_numbers_they_read():
+    """The report's over-seeds and locality captions are computed from the tables (stage 04's
+    leaderboard, stage 03's locality), never typed."""
+    from lib.report import figures as RF
+
+    board = pd.DataFrame([
+        {"system": "merge:ta", "kind": "merge", "seed_mean": 0.79, "seed_lo": 0.78, "seed_hi": 0.80, "seed_0": 0.79, "seed_1": 0.79},
+        {"system": "merge:ties", "kind": "merge", "seed_mean": 0.60, "seed_lo": 0.55, "seed_hi": 0.68, "seed_0": 0.56, "seed_1": 0.64},
+        {"system": "joint_total_steps", "kind": "joint", "seed_mean": 0.99, "seed_lo": 0.98, "seed_hi": 1.0, "seed_0": 0.99, "seed_1": 0.99},
+        {"system": "expert:a", "kind": "expert", "seed_mean": 1.0, "seed_lo": 1.0, "seed_hi": 1.0, "seed_0": 1.0, "seed_1": 1.0}])
+    _, cap = RF.over_seeds(board)
+    assert "2 seeds" in cap and "merge:ta, 0.790 [0.780, 0.800]" in cap and "0.990 [0.980, 1.000]" in cap
+    _, one = RF.over_seeds(board.drop(columns=["seed_mean", "seed_lo", "seed_hi", "seed_0", "seed_1"]))
+    assert "one seed" in one
+    loc = pd.DataFrame({"model": ["base", "a", "b"], "form": ["copy"] * 3, "accuracy": [1.0, 0.9, 1.0],
+                        "change": [0.0, -0.1, 0.0]})
+    assert "-0.100 to +0.000 (largest |change|: a)" in RF.locality(loc)[1]

@@ -93,8 +93,7 @@ def score_replicates(st: MergeRoute, cfg: dict) -> pd.DataFrame:
         score_references(r)
         score_merges(r)
         score_routers(r)
-        st.found["seeds"][seed] = (r.bench, r.found["expert_acc"])
-        del r  # the replicate's peft model is not needed once scored
+        st.found["seeds"][seed] = (r.bench, r.found["expert_acc"])  # the bench keeps its models: a few MB here
     return seed_table(st)
 
 

@@ -118,3 +118,65 @@ def recovery(table: pd.DataFrame):
         cap += (f"; at {smallest['sparsity'].iloc[0]:.4%} of the parameters the learned mask recovers "
                 + ", ".join(f"{r.recovery:.2f} ({r.source})" for r in smallest.itertuples()))
     return fig, cap + "."
+
+
+def over_seeds(board: pd.DataFrame):
+    """Each system scored on every seed: one dot per seed, the mean and its 95% interval over
+    seeds (stage 04's ``seed_*`` columns); best first."""
+    set_style()
+    if "seed_mean" not in board:
+        fig, ax = plt.subplots(figsize=(5, 1))
+        ax.axis("off")
+        return fig, "This run scored every system on one seed only (replicates.seeds empty)."
+    rows = board.dropna(subset=["seed_mean"]).query("kind != 'expert'").sort_values("seed_mean")
+    per_seed = [c for c in rows.columns if c.startswith("seed_") and c not in ("seed_mean", "seed_lo", "seed_hi")]
+    fig, ax = plt.subplots(figsize=(7, 0.3 * len(rows) + 1))
+    y = np.arange(len(rows))
+    ax.errorbar(rows["seed_mean"], y, xerr=[rows["seed_mean"] - rows["seed_lo"], rows["seed_hi"] - rows["seed_mean"]],
+                fmt="|", color="black", capsize=3)
+    for c, color in zip(per_seed, sns.color_palette("colorblind")):
+        ax.scatter(rows[c], y, s=14, color=color, label=c.replace("_", " "), zorder=3)
+    ax.set_yticks(y, rows["system"])
+    ax.set_xlabel("normalised accuracy (each seed's experts = 1)")
+    ax.set_title(f"Every system on {len(per_seed)} seeds (stage 04)")
+    ax.legend(fontsize="small", loc="lower right")
+    merges = rows[rows["kind"] == "merge"]
+    joint = rows[rows["system"] == "joint_total_steps"]
+    cap = f"Mean over {len(per_seed)} seeds with its 95% interval (seeds and prompts resampled)"
+    if len(merges):
+        m = merges.iloc[-1]
+        cap += f"; the best ΔW merge, {m['system']}, {m['seed_mean']:.3f} [{m['seed_lo']:.3f}, {m['seed_hi']:.3f}]"
+    if len(joint):
+        j = joint.iloc[0]
+        cap += f", the joint LoRA at equal total steps {j['seed_mean']:.3f} [{j['seed_lo']:.3f}, {j['seed_hi']:.3f}]"
+    return fig, cap + "."
+
+
+def locality(loc: pd.DataFrame):
+    """Accuracy of the base and of each adapter on the base corpus's own forms (stage 03)."""
+    set_style()
+    grid = loc.pivot(index="model", columns="form", values="accuracy")
+    grid = grid.loc[["base", *[m for m in grid.index if m != "base"]]]
+    fig, ax = plt.subplots(figsize=(1 + 0.8 * grid.shape[1], 0.5 + 0.45 * len(grid)))
+    sns.heatmap(grid, annot=True, fmt=".2f", vmin=0, vmax=1, cmap="viridis", cbar=False, ax=ax)
+    ax.set_title("Locality: accuracy on the base corpus's forms (stage 03)")
+    change = loc[loc["model"] != "base"].groupby("model")["change"].mean()
+    worst = change.abs().idxmax()
+    return fig, (f"Mean change from the base over these forms: {change.min():+.3f} to {change.max():+.3f} "
+                 f"(largest |change|: {worst}); near 0 means an adapter leaves what the base does elsewhere alone.")
+
+
+def recipes(rec: pd.DataFrame):
+    """Every recorded testbed recipe: its worst expert against its best merge (docs/mergeability_recipes.csv)."""
+    set_style()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    sns.scatterplot(rec, x="best_merge_norm_acc", y="expert_own_min", hue="synthesize.corpus_skill_fraction",
+                    style="experts.rank", s=70, palette="viridis", ax=ax)
+    ax.axhline(0.9, ls="--", c="grey", lw=1)
+    ax.axvline(0.6, ls="--", c="grey", lw=1)
+    ax.set(xlabel="best merge: normalised accuracy", ylabel="worst expert on its own skill", xlim=(0, 1.05), ylim=(0, 1.05),
+           title="Testbed recipes tried (issue 15)")
+    ok = rec[(rec["expert_own_min"] >= 0.9) & (rec["best_merge_norm_acc"] >= 0.6)]
+    best = rec.loc[rec["best_merge_norm_acc"].idxmax()]
+    return fig, (f"{len(rec)} recipes; {len(ok)} reach both targets (experts ≥ 0.9, best merge ≥ 0.6). The best merge, "
+                 f"{best['best_merge_norm_acc']:.3f}, came from: {best['note']}.")

@@ -42,7 +42,8 @@ def recipe_row(root: str | Path, note: str = "") -> dict:
     mr = read_json(root / "metrics" / "merge_route.json")
     base = read_json(root / "metrics" / "base.json")
     systems = mr["systems"]
-    routers = {k: v for k, v in systems.items() if v.get("kind") == "router" and v.get("norm_acc") is not None}
+    routers = {k: v for k, v in systems.items()  # the oracle is told the skill: not a router to compare
+               if v.get("kind") == "router" and k != "route:oracle" and v.get("norm_acc") is not None}
     row.update({
         "base_max": base["max_skill_accuracy"],
         "expert_own_min": experts["expert_own_min"],
