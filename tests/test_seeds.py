@@ -188,14 +188,15 @@ def test_report_figures_state_the_numbers_they_read():
     leaderboard, stage 03's locality), never typed."""
     from lib.report import figures as RF
 
-    board = pd.DataFrame([
+    board = pd.DataFrame([  # as stage 04's leaderboard CSV has them (n_seeds: seeds with a usable value)
         {"system": "merge:ta", "kind": "merge", "seed_mean": 0.79, "seed_lo": 0.78, "seed_hi": 0.80, "seed_0": 0.79, "seed_1": 0.79},
         {"system": "merge:ties", "kind": "merge", "seed_mean": 0.60, "seed_lo": 0.55, "seed_hi": 0.68, "seed_0": 0.56, "seed_1": 0.64},
         {"system": "joint_total_steps", "kind": "joint", "seed_mean": 0.99, "seed_lo": 0.98, "seed_hi": 1.0, "seed_0": 0.99, "seed_1": 0.99},
         {"system": "expert:a", "kind": "expert", "seed_mean": 1.0, "seed_lo": 1.0, "seed_hi": 1.0, "seed_0": 1.0, "seed_1": 1.0}])
+    board["n_seeds"], board["norm_acc"] = 2, board["seed_0"]  # the leaderboard's first-seed column is there too
     _, cap = RF.over_seeds(board)
     assert "2 seeds" in cap and "merge:ta, 0.790 [0.780, 0.800]" in cap and "0.990 [0.980, 1.000]" in cap
-    _, one = RF.over_seeds(board.drop(columns=["seed_mean", "seed_lo", "seed_hi", "seed_0", "seed_1"]))
+    _, one = RF.over_seeds(board.drop(columns=["n_seeds", "seed_mean", "seed_lo", "seed_hi", "seed_0", "seed_1"]))
     assert "one seed" in one
     loc = pd.DataFrame({"model": ["base", "a", "b"], "form": ["copy"] * 3, "accuracy": [1.0, 0.9, 1.0],
                         "change": [0.0, -0.1, 0.0]})

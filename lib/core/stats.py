@@ -158,6 +158,16 @@ def seed_macro_ci(examples_by_seed: Sequence[pd.DataFrame], references: Sequence
     return {"mean": mean, "lo": float(min(lo, mean)), "hi": float(max(hi, mean)), "n": k, "per_seed": per_seed}
 
 
+# A table of systems over seeds (stage 04's leaderboard): these summary columns of
+# :func:`seed_macro_ci`, and one ``seed_<k>`` column per seed.
+SEED_SUMMARY = ("n_seeds", "seed_mean", "seed_lo", "seed_hi")
+
+
+def per_seed_columns(columns) -> list[str]:
+    """The one-value-per-seed columns (``seed_<k>``) of such a table."""
+    return [c for c in columns if c.startswith("seed_") and c not in SEED_SUMMARY]
+
+
 def t_interval(values: Sequence[float], level: float = 0.95) -> dict[str, Any]:
     """``{"mean", "lo", "hi", "n"}``: Student-t interval of the mean over runs (None and NaN
     dropped; lo = hi = mean for one run; all None for none)."""

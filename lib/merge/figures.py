@@ -6,6 +6,8 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
+from lib.core.stats import per_seed_columns
+
 
 def lambda_curves(curves: pd.DataFrame):
     """Validation accuracy against λ per summed merge method (``linear`` has no λ)."""
@@ -101,7 +103,7 @@ def seeds(table: pd.DataFrame):
     t = table.dropna(subset=["seed_mean"]).sort_values("seed_mean", ascending=False) if len(table) else table
     if not len(t):
         return None
-    per_seed = [c for c in t.columns if c.startswith("seed_") and c not in ("seed_mean", "seed_lo", "seed_hi")]
+    per_seed = per_seed_columns(t.columns)
     long = t.melt(id_vars=["system"], value_vars=per_seed, var_name="seed", value_name="norm_acc").dropna()
     long["seed"] = long.seed.str.removeprefix("seed_")
     fig, ax = plt.subplots(figsize=(7, 0.8 + 0.3 * len(t)))

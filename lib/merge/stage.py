@@ -18,7 +18,7 @@ import pandas as pd
 
 from lib.core import data
 from lib.core.bench import Bench, System, lora_parameters, seed_everything, timed
-from lib.core.stats import seed_macro_ci
+from lib.core.stats import SEED_SUMMARY, per_seed_columns, seed_macro_ci
 from lib.core.evaluation import BASE_ADAPTER
 from lib.core.modeling import load_on_device
 from lib.experts import adapters as X
@@ -241,14 +241,13 @@ def metrics(st: MergeRoute, board: pd.DataFrame, router: dict | None) -> dict:
 
     merges = board[board.kind == "merge"]
     peft = st.found.get("peft")
-    seed_cols = [c for c in board.columns if c.startswith("seed_") or c == "n_seeds"]
+    per_seed = per_seed_columns(board.columns)
 
     def system(r):
-        row = {k: clean(r[k]) for k in board.columns if k != "system" and k not in seed_cols}
+        row = {k: clean(r[k]) for k in board.columns if k != "system" and k not in (*SEED_SUMMARY, *per_seed)}
         if "seed_mean" in board and pd.notna(r["seed_mean"]):  # normalised accuracy over seeds
             row["seeds"] = {"mean": clean(r["seed_mean"]), "lo": clean(r["seed_lo"]), "hi": clean(r["seed_hi"]),
-                            "n": int(r["n_seeds"]), "per_seed": {c.removeprefix("seed_"): clean(r[c]) for c in seed_cols
-                                                                 if c not in ("n_seeds", "seed_mean", "seed_lo", "seed_hi")}}
+                            "n": int(r["n_seeds"]), "per_seed": {c.removeprefix("seed_"): clean(r[c]) for c in per_seed}}
         return row
 
     return {

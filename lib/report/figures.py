@@ -121,35 +121,29 @@ def recovery(table: pd.DataFrame):
 
 
 def over_seeds(board: pd.DataFrame):
-    """Each system scored on every seed: one dot per seed, the mean and its 95% interval over
-    seeds (stage 04's ``seed_*`` columns); best first."""
+    """Each system scored on every seed: stage 04's figure (:func:`lib.merge.figures.seeds`: one
+    dot per seed, the mean and its 95% interval over seeds), experts left out, with a caption."""
+    from lib.merge.figures import seeds
+    from lib.core.stats import SEED_SUMMARY, per_seed_columns
+
     set_style()
-    if "seed_mean" not in board:
+    cols = ["system", "kind", *[c for c in SEED_SUMMARY if c in board], *per_seed_columns(board.columns)]
+    ax = seeds(board.loc[board["kind"] != "expert", cols]) if "seed_mean" in board else None  # the seed table's columns
+    if ax is None:
         fig, ax = plt.subplots(figsize=(5, 1))
         ax.axis("off")
-        return fig, "This run scored every system on one seed only (replicates.seeds empty)."
+        return fig, "No system has a normalised accuracy over seeds in this run (one seed only, or no expert above 0)."
     rows = board.dropna(subset=["seed_mean"]).query("kind != 'expert'").sort_values("seed_mean")
-    per_seed = [c for c in rows.columns if c.startswith("seed_") and c not in ("seed_mean", "seed_lo", "seed_hi")]
-    fig, ax = plt.subplots(figsize=(7, 0.3 * len(rows) + 1))
-    y = np.arange(len(rows))
-    ax.errorbar(rows["seed_mean"], y, xerr=[rows["seed_mean"] - rows["seed_lo"], rows["seed_hi"] - rows["seed_mean"]],
-                fmt="|", color="black", capsize=3)
-    for c, color in zip(per_seed, sns.color_palette("colorblind")):
-        ax.scatter(rows[c], y, s=14, color=color, label=c.replace("_", " "), zorder=3)
-    ax.set_yticks(y, rows["system"])
-    ax.set_xlabel("normalised accuracy (each seed's experts = 1)")
-    ax.set_title(f"Every system on {len(per_seed)} seeds (stage 04)")
-    ax.legend(fontsize="small", loc="lower right")
     merges = rows[rows["kind"] == "merge"]
     joint = rows[rows["system"] == "joint_total_steps"]
-    cap = f"Mean over {len(per_seed)} seeds with its 95% interval (seeds and prompts resampled)"
+    cap = f"Mean over {len(per_seed_columns(rows.columns))} seeds with its 95% interval (seeds and prompts resampled)"
     if len(merges):
         m = merges.iloc[-1]
         cap += f"; the best ΔW merge, {m['system']}, {m['seed_mean']:.3f} [{m['seed_lo']:.3f}, {m['seed_hi']:.3f}]"
     if len(joint):
         j = joint.iloc[0]
         cap += f", the joint LoRA at equal total steps {j['seed_mean']:.3f} [{j['seed_lo']:.3f}, {j['seed_hi']:.3f}]"
-    return fig, cap + "."
+    return ax.figure, cap + "."
 
 
 def locality(loc: pd.DataFrame):
