@@ -29,15 +29,28 @@ from .pipeline import _env, make_copy
 RESULTS = common.REPO / "bench" / "results"
 
 
-def compare(reference: dict, perturbed: dict) -> list[dict]:
-    """One row per claim: both verdicts, both measured sentences, and whether they agree."""
+def compare(reference: dict, perturbed: dict, levels=None) -> list[dict]:
+    """One row per claim: both verdicts, both measured sentences, and whether they agree; with
+    ``levels`` (both runs' :func:`lib.levels.curve.table`), one more row per level for its
+    verdict of "experts + merging beat joint training"."""
     from lib.report.claims import evaluate_claims
 
     ref = {r["key"]: r for r in evaluate_claims(reference)}
     per = {r["key"]: r for r in evaluate_claims(perturbed)}
-    return [{"claim": k, "verdict": ref[k]["verdict"], "perturbed_verdict": per[k]["verdict"],
+    rows = [{"claim": k, "verdict": ref[k]["verdict"], "perturbed_verdict": per[k]["verdict"],
              "same": ref[k]["verdict"] == per[k]["verdict"], "measured": ref[k]["measured"],
              "perturbed_measured": per[k]["measured"]} for k in ref]
+    if levels is not None:
+        def said(r):
+            return f"best merge ({r.best_merge.split(':', 1)[1]}) {r[r.best_merge]:.3f} vs joint {r['joint_total_steps']:.3f}"
+
+        a, b = (t.set_index("fraction") for t in levels)
+        for f in a.index:
+            ra, rb = a.loc[f], b.loc[f]
+            rows.append({"claim": f"level {f:g}: merging beats joint", "verdict": ra.merge_beats_joint,
+                         "perturbed_verdict": rb.merge_beats_joint, "same": ra.merge_beats_joint == rb.merge_beats_joint,
+                         "measured": said(ra), "perturbed_measured": said(rb)})
+    return rows
 
 
 def markdown(rows: list[dict], threads: int, base_loss: tuple, wall_s: float) -> str:
@@ -79,7 +92,13 @@ def main(argv: list[str] | None = None) -> int:
             args.keep = True
             return 2
         perturbed = load_metrics(dest)
-        rows = compare(reference, perturbed)
+        from lib.core import config
+        from lib.levels.curve import table
+
+        cfg = config.load(["synthesize", "levels"], common.REPO / "params.yaml")
+        levels = [table(root, cfg["levels"].fractions, cfg["synthesize"].corpus_skill_fraction, cfg["levels"].merges)
+                  for root in (common.REPO, dest)]
+        rows = compare(reference, perturbed, levels)
         loss = (read_json(common.REPO / "metrics" / "base.json").get("final_loss"),
                 read_json(dest / "metrics" / "base.json").get("final_loss"))
         args.out.mkdir(parents=True, exist_ok=True)

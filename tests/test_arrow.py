@@ -146,3 +146,25 @@ def test_bad_inputs_are_clear_errors(lib, tmp_path):
     assert not hasattr(base.model.layers[0].self_attn.q_proj, "lora_A")  # refused before peft touched it
     with pytest.raises(ValueError, match="not an Arrow model"):
         A.routing_weights(base, torch.tensor([[1, 2, 3]]))
+
+
+@pytest.mark.parametrize("how,match", [("truncated", "truncated or corrupt"), ("pickle", "adapter_model.bin: pickle files")])
+def test_arrow_loads_adapters_through_the_safe_path(lib, tmp_path, how, match):
+    """Arrow (stage 04's arrow and arrow_gks routers) refuses what every other stage refuses,
+    naming the file: a truncated safetensors file, or only a pickle (never unpickled)."""
+    import shutil
+
+    from lib.core.modeling import AdapterError
+
+    base, _, dirs = lib
+    bad = tmp_path / "general"
+    shutil.copytree(dirs["general"], bad)
+    f = bad / "adapter_model.safetensors"
+    if how == "truncated":
+        f.write_bytes(f.read_bytes()[:100])
+    else:
+        f.rename(bad / "adapter_model.bin")
+    with pytest.raises(AdapterError, match=match) as e:
+        A.build_arrow_model(base, {n: dirs[n] for n in THREE}, general_dirs={"general": bad})
+    assert str(bad) in str(e.value)
+    assert not hasattr(base.model.layers[0].self_attn.q_proj, "lora_A")  # refused before peft touched it

@@ -80,8 +80,9 @@ def test_readme_path_filter():
 
 # Training steps are plain commands (no notebook): one per skill or budget, run by foreach.
 SINGLE_TRAINING_STEPS = {"general"}  # one run, not one per skill
-# Training steps with their own module: stage 06's full fine-tuning (lib/localize/finetune.py).
-MODULE_OF_STEP = {"finetune": "lib.localize.finetune"}
+# Training steps with their own module: stage 06's full fine-tuning (lib/localize/finetune.py),
+# and the levels of issue 15 (a level's base and adapters, and their scores).
+MODULE_OF_STEP = {"finetune": "lib.localize.finetune", "level": "lib.levels.train", "level_score": "lib.levels.score"}
 TRAINING_STEPS = {"expert", "joint", "replicate", *SINGLE_TRAINING_STEPS, *MODULE_OF_STEP}
 
 

@@ -33,9 +33,8 @@ def test_every_stage_wrote_its_outputs(project):
         assert (project / "models" / "experts" / skill / "adapter_model.safetensors").is_file()
         saved = json.loads((project / "models" / "experts" / skill / "params.json").read_text())
         assert saved["experts"] == p["experts"] and saved["name"] == skill
-    ran = [json.loads((project / "models" / "experts" / s / "train_info.json").read_text())["steps_run"]
-           for s in p["skills"]["train"]]
-    for budget, steps in (("same_steps", max(1, round(sum(ran) / len(ran)))), ("total_steps", sum(ran))):
+    cap = p["experts"]["steps"]  # the joint budgets: one expert's step cap, and all experts' caps
+    for budget, steps in (("same_steps", cap), ("total_steps", cap * len(p["skills"]["train"]))):
         info = json.loads((project / "models" / "joint" / budget / "train_info.json").read_text())
         assert info["steps"] == steps
     assert (project / "models" / "base" / "model.safetensors").is_file()
@@ -96,17 +95,18 @@ def test_pipeline_is_clean_and_a_param_reruns_only_its_stages(project):
         (project / "params.yaml").write_text(original)
 
 
-def test_a_merge_parameter_reruns_only_stages_04_and_07(project):
+def test_a_merge_parameter_reruns_only_stages_04_and_07_and_rescores_the_levels(project):
     original = (project / "params.yaml").read_text()
     try:
         params = smoke_params(project)
         params["merge_route"]["density"] = 0.5
         (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        assert set(json.loads(dvc(project, "status", "--json"))) == {"merge_route"}
+        levels = {f"level_score@{f}" for f in params["levels"]["fractions"]}  # rescored, not retrained
+        assert set(json.loads(dvc(project, "status", "--json"))) == {"merge_route", *levels}
         # `dvc status` (and a dry run) stop at the first changed stage; a real run follows the
         # change downstream, to the report that reads stage 04's metrics, and no further.
         ran = set(re.findall(r"Running stage '([^']+)'", dvc(project, "repro")))
-        assert ran == {"merge_route", "report"}
+        assert ran == {"merge_route", "report", *levels}
     finally:
         (project / "params.yaml").write_text(original)
         dvc(project, "repro")  # back to the smoke run's outputs for the tests that follow
@@ -140,3 +140,21 @@ def test_replicate_seeds_are_trained_and_scored(project):
     scored = board[board.kind.isin(["merge", "router", "joint"]) & board.n_seeds.notna()]
     assert {f"merge:{x}" for x in p["merge_route"]["merges"]} | {"joint_total_steps"} <= set(scored.system)
     assert (scored.n_seeds <= 1 + len(seeds)).all()
+
+
+def test_levels_are_trained_scored_and_reported(project):
+    """level@0.0: its own base (from a corpus without alias lines), experts and joint LoRA;
+    level_score@0.0 scored them; the report's table has a verdict per level."""
+    p = smoke_params(project)
+    for f in p["levels"]["fractions"]:
+        root = project / "models" / "levels" / str(f)
+        assert (root / "base" / "model.safetensors").is_file()
+        assert (root / "joint" / "total_steps" / "adapter_config.json").is_file()
+        assert all((root / "experts" / s / "adapter_config.json").is_file() for s in p["skills"]["train"])
+        m = json.loads((project / "metrics" / "levels" / f"{f}.json").read_text())
+        assert m["fraction"] == f and set(m["expert_own"]) == set(p["skills"]["train"])
+        assert {"joint_total_steps", *(f"merge:{x}" for x in p["levels"]["merges"])} == set(m["systems"])
+    levels = json.loads((project / "metrics" / "report.json").read_text())["levels"]
+    main = p["synthesize"]["corpus_skill_fraction"]
+    assert set(levels) == {f"{f:g}" for f in [*p["levels"]["fractions"], main]}
+    assert set(levels.values()) <= {"held", "did not hold", "inconclusive"}

@@ -10,6 +10,7 @@ is not repeated; these tests go through the commands the pipeline runs.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import shutil
@@ -121,6 +122,16 @@ BAD_PARAMS = [
          ["localize.focus_sparsity, localize.sparsities:", "must be one of sparsities"]),
     _row("cross-field, held out and trained", "skills.heldout", [TRAIN[0]],
          ["skills.train, skills.heldout:", "both trained on and held out"]),
+    # Values the schema's bounds allowed that failed only later, after datasets were written.
+    _row("one training row", "synthesize.n_train", 1, ["bad value 1", "at least 2", "stage 01 shows"]),
+    _row("two composed rows", "synthesize.n_composed", 2, ["bad value 2", "0 or at least 3", "composed test rows"]),
+    _row("one corpus line", "synthesize.corpus_size", 1, ["bad value 1", "at least 2", "validation split"]),
+    _row("yes/no as a number", "experts.rank", True, ["bad value True", "a yes/no value where int is expected"]),
+    # Across sections: valid alone, unusable together (each failed mid-stage).
+    _row("held-out skill without prompts", "synthesize.n_heldout", 0,
+         ["synthesize.n_heldout is 0 but skills.heldout is", "n_heldout >= 1"]),
+    _row("arrow top_k above the experts", "merge_route.arrow.top_k", len(TRAIN) + 1,
+         [f"top_k {len(TRAIN) + 1} is more than the {len(TRAIN)} experts of skills.train"]),
 ]
 
 
@@ -653,3 +664,197 @@ def test_default_profile_makes_no_network_connection(tmp_path, monkeypatch):
     tests = data.test_sets(tmp_path, S)["skills"]
     evaluate(model, tok, tests, adapter_names=[skill] * len(tests), progress=False, n_boot=100)
     assert attempts == []
+
+
+# --------------------------------------------------------------------------- 6. every name, every stage
+
+
+@pytest.mark.parametrize("name,needles", [
+    ("general", ["general LoRA", "python -m lib.experts.train general"]),
+    ("joint", ["joint LoRA", "python -m lib.experts.train joint"]),
+    ("replicate", ["python -m lib.experts.train replicate"]),
+    ("base", ["base model's row"]),
+    ("half", ["attribute of torch's ModuleDict"]),
+    ("to", ["attribute of torch's ModuleDict"]),
+    ("copy", ["attribute of torch's ParameterDict"]),
+])
+def test_a_skill_name_no_stage_can_use_is_refused_before_any_work(workdir, capsys, request, name, needles):
+    """A skill the registry accepts must work in every stage or stop at validation: names the
+    pipeline gives its own adapters or rows (``general`` would train the general LoRA, exit 0)
+    and names peft cannot key an adapter by."""
+    from lib import skills as skill_lib
+    from lib.skills.base import LOWER, Skill, is_word, random_string
+
+    skill_lib.register(Skill(name=name, family="string", description="toy", accepts=is_word, apply=lambda x: x,
+                             sample=lambda rng, d: random_string(rng, LOWER, d), difficulty_doc="length"))
+    request.addfinalizer(lambda: skill_lib.base.SKILLS.remove(name))
+    params = workdir / "params.yaml"
+    params.write_text(yaml.safe_dump(_set(yaml.safe_load(params.read_text()), "skills.train", [*TRAIN, name]),
+                                     sort_keys=False))
+    assert run_stage.main(["synthesize", "--workdir", str(workdir)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith(f"error: {params}: skills.train: ") and f"skill {name!r} cannot be trained" in err[0], err
+    for needle in needles:
+        assert needle in err[0], f"{needle!r} not in {err[0]!r}"
+    assert not (workdir / "datasets").exists()
+
+
+def test_a_teacher_that_keeps_too_few_prompts_is_a_data_error():
+    """Teacher mode: fewer kept prompts than n_val + 2 would leave stage 01 an IndexError."""
+    skills = make_params(SkillsParams, train=["reverse", "upper"])
+    syn = make_params(SynthesizeParams, n_train=8, n_val=3, n_test=2)
+    prompts = [f"reverse {w} =" for w in ("abc", "bcd", "cde", "def", "efg", "fgh")]
+    assert len(synth.skill_splits("reverse", skills, syn, prompts)["train"]) >= 2
+    with pytest.raises(data.DataError) as e:
+        synth.skill_splits("reverse", skills, syn, prompts[:4])
+    msg = str(e.value)
+    assert "skill 'reverse'" in msg and "fewer than n_val=3 + 2 training prompts" in msg and "n_candidates" in msg, msg
+
+
+def test_continual_lora_with_a_target_module_typo_is_an_error(tiny):
+    from lib.continual import loop as CT
+
+    e = EXPERT.model_copy(update={"target_modules": ["q_proj", "vproj"]})
+    with pytest.raises(config.ParamsError) as err:
+        CT.add_lora(peaked_tiny_llama(tiny["tok"]), e, seed=0)
+    msg = str(err.value)
+    assert msg.startswith("experts.target_modules: ['vproj'] is not a linear layer") and "'v_proj'" in msg, msg
+    assert CT.add_lora(peaked_tiny_llama(tiny["tok"]), EXPERT, seed=0).peft_config["default"].r == EXPERT.rank
+
+
+def _continual_root(tiny, tmp_path, tasks) -> Path:
+    shutil.copytree(tiny["base"], tmp_path / "models" / "base")
+    skills = make_params(SkillsParams, train=list(tasks))
+    for t in tasks:
+        data.save(synth.skill_splits(t, skills, make_params(SynthesizeParams, n_train=8, n_val=2, n_test=2)),
+                  tmp_path / "datasets" / "skills" / t)
+    return tmp_path
+
+
+def test_continual_refuses_a_max_length_that_would_cut_answers(tiny, tmp_path, capsys):
+    from lib.continual.study import Study
+
+    tasks = ["reverse", "upper"]
+    root = _continual_root(tiny, tmp_path, tasks)
+    skills = make_params(SkillsParams, train=tasks, heldout=[])
+    c = make_params(config.ContinualParams, tasks=tasks)
+    with pytest.raises(config.ParamsError) as err:
+        Study(root, skills, EXPERT.model_copy(update={"max_length": 8}), make_params(config.EvalParams), c)
+    msg = str(err.value)
+    assert msg.startswith("experts.max_length 8 is shorter than the longest training example"), msg
+    assert "raise it to at least" in msg
+
+
+def test_localize_refuses_a_lora_expert_trained_with_other_params(tiny, tmp_path):
+    """Stage 06's LoRA source checks the recorded recipe as stages 03-05 do."""
+    from lib.localize import grafting as G
+    from lib.localize import study as LZ
+    from lib.localize.finetune import considered_names
+
+    d = tmp_path / "models" / "experts" / "reverse"
+    shutil.copytree(tiny["adapter"], d)
+    (d / "params.json").write_text(json.dumps({"experts": EXPERT.model_dump(mode="json")}))
+    model = load_causal_lm(tiny["base"])[0]
+    pre = G.weights_of(model, considered_names(model, EXPERT.target_modules))
+    assert set(LZ.load_deltas(tmp_path, model, "lora", ["reverse"], pre, EXPERT)["reverse"]) == set(pre)
+    other = EXPERT.model_copy(update={"rank": 8, "steps": 50})
+    with pytest.raises(experts.AdapterError) as err:
+        LZ.load_deltas(tmp_path, model, "lora", ["reverse"], pre, other)
+    msg = str(err.value)
+    assert msg.startswith(f"{d}: trained with other params") and "experts.rank 4 there, 8 in params.yaml" in msg, msg
+    assert "experts.steps 12 there, 50" in msg
+
+
+@pytest.mark.parametrize("top_k,want", [(1, 1), (2, 2), (10, 2)])
+def test_router_soft_is_labelled_with_the_k_it_mixes(tiny, top_k, want):
+    """router.top_k above the number of experts mixes them all: the label says so, not top10."""
+    from types import SimpleNamespace
+
+    from lib.route.routers.task_router import router_soft
+
+    names = ["reverse", "upper"]
+    model, _ = experts.load_with_adapters(tiny["base"], {n: tiny["adapter"] for n in names})
+    router = SimpleNamespace(names=names, n_parameters=0)
+    stage = SimpleNamespace(P=SimpleNamespace(router=SimpleNamespace(top_k=top_k)), names=names, peft_model=model,
+                            cache={"task_router": (router, 0.0)})
+    (system,) = list(router_soft(stage))
+    assert system.name == f"route:router_soft_top{want}" and system.model.top_k == want
+
+
+@pytest.mark.parametrize("how,needle", [("syntax", "YAML syntax error"), ("duplicate", "is given twice")])
+def test_a_broken_skill_card_is_one_line_naming_file_and_line(tmp_path, how, needle):
+    """data/skills/<skill>.yaml read like params.yaml: no PyYAML traceback, no silent last value."""
+    shutil.copytree(REPO / "data", tmp_path / "data")
+    path = tmp_path / "data" / "skills" / "reverse.yaml"
+    lines = path.read_text().splitlines()
+    i = next(k for k, line in enumerate(lines) if line.startswith("exemplars:"))
+    lines.insert(i, "exemplars: [" if how == "syntax" else "exemplars: []")
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(data.DataError) as e:
+        synth.load_cards(tmp_path / "data", ["reverse"])
+    msg = str(e.value)
+    assert msg.startswith(f"{path}:") and needle in msg and "\n" not in msg, msg
+
+
+# --------------------------------------------------------------------------- 7. divergence, every training loop
+
+
+def test_a_diverging_base_pretraining_is_an_error(tmp_path):
+    """Stage 02: a finite but absurd model.lr gives NaN weights; the base is refused, not saved."""
+    from lib.experts.base import prepare_base
+
+    skills = make_params(SkillsParams, train=["reverse", "upper"])
+    data.save(synth.corpus(skills, make_params(SynthesizeParams, corpus_size=100)), tmp_path / "corpus")
+    m = make_params(config.ModelParams, lr=1e30, pretrain_steps=6, hidden_size=32, intermediate_size=64, num_layers=1,
+                    num_heads=2, batch_size=8)
+    with pytest.raises(training.TrainingDiverged) as e:
+        prepare_base(m, tmp_path / "corpus", tmp_path / "base", progress=False)
+    assert "the base model (model.lr)" in str(e.value) and "lower the learning rate" in str(e.value)
+    assert not (tmp_path / "base").exists() and not (tmp_path / "base.partial").exists()
+
+
+def test_a_diverging_continual_run_is_an_error(tiny):
+    """Stage 05's own loop: a non-finite loss stops it (NaN weights would be scored as forgetting)."""
+    from lib.continual import loop as CT
+    from lib.core.sft_data import encode
+
+    tok = tiny["tok"]
+    rows = encode(tok, ["reverse abc =", "reverse hello ="] * 2, ["cba", "olleh"] * 2)
+    model = CT.full_finetune(peaked_tiny_llama(tok))
+    with pytest.raises(training.TrainingDiverged) as e:
+        CT.train_task(model, iter([rows] * 20), 20, 1e30, tok.pad_token_id)
+    assert str(e.value).startswith("continual training: the loss became") and "lower the learning rate" in str(e.value)
+    log = CT.train_task(CT.full_finetune(peaked_tiny_llama(tok)), iter([rows] * 3), 3, 1e-3, tok.pad_token_id)
+    assert log.steps == 3 and math.isfinite(log.final_loss)
+
+
+def test_finetune_takes_workdir_and_reports_missing_inputs_in_one_line(workdir, tmp_path, capsys, monkeypatch):
+    """``python -m lib.localize.finetune <skill> --workdir DIR`` like lib.cli.run_stage and
+    lib.experts.train: run from elsewhere, it reads DIR and names what DIR lacks."""
+    from lib.localize import finetune
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert finetune.main([TRAIN[0], "--workdir", str(workdir)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {workdir}/datasets/skills/{TRAIN[0]}: dataset not found; run stage 01 (dvc repro synthesize)"]
+    skills = make_params(SkillsParams, **yaml.safe_load((workdir / "params.yaml").read_text())["skills"])
+    data.save(synth.skill_splits(TRAIN[0], skills, make_params(SynthesizeParams, n_train=8, n_val=2, n_test=2)),
+              workdir / "datasets" / "skills" / TRAIN[0])
+    capsys.readouterr()
+    assert finetune.main([TRAIN[0], "--workdir", str(workdir)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {workdir}/models/base: no such local directory"), err
+    assert not (workdir / "models" / "finetuned").exists()
+
+
+def test_a_notebook_run_by_hand_makes_the_cross_section_checks_too():
+    """JupyterLab runs validate through config.from_notebook: the same checks as the runner."""
+    raw = config.read_params(config.REPO_PARAMS)
+    assert raw["skills"]["heldout"], "the default holds a skill out"
+    with pytest.raises(config.ParamsError) as e:
+        config.from_notebook(skills=raw["skills"], synthesize={**raw["synthesize"], "n_heldout": 0})
+    assert str(e.value).startswith("notebook parameters: synthesize.n_heldout is 0 but skills.heldout is"), str(e.value)
+    config.from_notebook(skills={**raw["skills"], "heldout": []}, synthesize={**raw["synthesize"], "n_heldout": 0})

@@ -181,6 +181,14 @@ def test_perturbation_check_flags_exactly_the_verdicts_that_changed():
     assert [r["claim"] for r in rows if not r["same"]] == ["ties_dare"]
     text = markdown(rows, 1, (0.5, 0.51), 60.0)
     assert "ties_dare | held | inconclusive **(differs)**" in text and f"{len(rows) - 1} of {len(rows)}" in text
+    # the levels' verdicts are compared too, one row per level
+    level = pd.DataFrame([{"fraction": 0.0, "best_merge": "merge:ties", "merge:ties": 0.1, "joint_total_steps": 0.9,
+                           "merge_beats_joint": "did not hold"}])
+    flipped = level.assign(**{"merge:ties": 0.88, "merge_beats_joint": "inconclusive"})
+    rows = compare(ref, copy.deepcopy(ref), (level, flipped))
+    assert [(r["claim"], r["verdict"], r["perturbed_verdict"]) for r in rows if not r["same"]] == [
+        ("level 0: merging beats joint", "did not hold", "inconclusive")]
+    assert rows[-1]["perturbed_measured"] == "best merge (ties) 0.880 vs joint 0.900"
 
 
 def test_report_figures_state_the_numbers_they_read():

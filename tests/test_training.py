@@ -376,15 +376,10 @@ def test_joint_train_set_is_the_shuffled_union(tmp_path):
     assert a["prompt"] != concat  # shuffled, not just concatenated
 
 
-def test_joint_budgets_are_the_steps_the_experts_ran(tmp_path):
-    for skill, ran in (("reverse", 7), ("upper", 12)):
-        d = tmp_path / "models" / "experts" / skill
-        d.mkdir(parents=True)
-        (d / "train_info.json").write_text(json.dumps({"steps": 20, "steps_run": ran}))
-    assert train_expert.joint_budget("total_steps", ["reverse", "upper"], tmp_path) == 19
-    assert train_expert.joint_budget("same_steps", ["reverse", "upper"], tmp_path) == 10  # round(9.5) = 10 (even)
-    with pytest.raises(data.DataError, match=r"count/train_info.json.*expert@count"):
-        train_expert.joint_budget("same_steps", ["reverse", "count"], tmp_path)
+def test_joint_budgets_are_the_experts_step_cap():
+    e = config.make(config.ExpertsParams, steps=20)
+    assert train_expert.joint_budget("same_steps", 3, e) == 20
+    assert train_expert.joint_budget("total_steps", 3, e) == 60
 
 
 class _State:

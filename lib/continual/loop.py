@@ -51,6 +51,7 @@ import torch
 from torch import nn
 
 from lib.core.sft_data import Encoded, collate
+from lib.core.training import TrainingDiverged
 
 
 def stable_seed(*parts: object) -> int:
@@ -197,8 +198,11 @@ def add_lora(model: nn.Module, e, seed: int):
     """``get_peft_model`` with the experts' LoRA recipe, its init drawn from ``seed``."""
     from peft import LoraConfig, get_peft_model
 
-    cfg = LoraConfig(r=e.rank, lora_alpha=e.alpha, lora_dropout=e.dropout, target_modules=list(e.target_modules),
-                     task_type="CAUSAL_LM", bias="none")
+    from lib.core.training import check_target_modules
+
+    # peft fails only when no name matches: a typo in one of several would train fewer modules
+    cfg = LoraConfig(r=e.rank, lora_alpha=e.alpha, lora_dropout=e.dropout,
+                     target_modules=check_target_modules(model, e.target_modules), task_type="CAUSAL_LM", bias="none")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return get_peft_model(model, cfg)
@@ -255,13 +259,16 @@ def train_task(model: nn.Module, batches: Iterator[list[Encoded]], steps: int, l
         loss = model(**collate(next(batches), pad_id, device)).loss
         if penalty is not None:
             loss = loss + penalty()
+        loss_value = float(loss.detach())
+        if not math.isfinite(loss_value):  # NaN weights would score as forgetting, with exit 0
+            raise TrainingDiverged(f"continual training: the loss became {loss_value} at step {step} (learning rate "
+                                   f"{lr}): training diverged; lower the learning rate or the penalty's weight")
         loss.backward()
         if max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        loss_value = float(loss.detach())
         seconds += time.perf_counter() - t0
         if progress is not None:
             progress.update(1)

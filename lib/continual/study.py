@@ -75,7 +75,7 @@ from lib.continual.strategies import STRATEGIES
 from lib.core.evaluation import evaluate
 from lib.core.sft_data import encode
 from lib.core.stats import t_interval
-from lib.core.training import count_parameters
+from lib.core.training import check_max_length, count_parameters
 from lib import skills as skill_lib
 
 CURVE_STRATEGIES = ("sequential_lora", "sequential_full", "replay", "ewc", "l2", "olora")
@@ -238,6 +238,8 @@ class Study:
         self.tasks = list(c.tasks)
         sets = {t: data.load(self.root / "datasets" / "skills" / t, ("train", "validation", "test")) for t in self.tasks}
         self.train = {t: sets[t]["train"] for t in self.tasks}
+        for ds in self.train.values():  # encode() below would cut longer answers silently, as trl would
+            check_max_length(self.tok, ds, e.max_length)
         self.rows = {t: encode(self.tok, ds["prompt"], ds["answer"], e.max_length) for t, ds in self.train.items()}
         self.test = pd.concat([sets[t]["test"].to_pandas() for t in self.tasks], ignore_index=True)
         self.probe = pd.concat([sets[t]["test"].to_pandas().head(c.eval_n) for t in self.tasks], ignore_index=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import functools
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -37,6 +37,17 @@ class Section(BaseModel):
     # (an infinite learning rate trains NaN weights that would otherwise look converged).
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_as_number(cls, v, info):
+        # pydantic reads True as 1, and YAML reads yes/no/on/off as booleans: `rank: yes` would
+        # silently train rank 1. A boolean is only a value where the field is one.
+        ann = cls.model_fields[info.field_name].annotation
+        if isinstance(v, bool) and ann is not bool and bool not in get_args(ann):
+            raise ValueError(f"a yes/no value where {ann.__name__ if isinstance(ann, type) else ann} is expected "
+                             "(YAML reads true, false, yes, no, on, off as booleans)")
+        return v
+
 
 def _skill_list(names: list[str], what: str = "skill") -> list[str]:
     """Every name a known skill, none twice."""
@@ -52,11 +63,24 @@ def reserved_adapter_name(name: str) -> str | None:
     named after the skill, and peft keeps every adapter's layers in ``torch.nn.ModuleDict`` /
     ``ParameterDict`` entries under that name: a name that is already an attribute of those
     (``double``, ``half``, ``float``, ``train``, ``eval``, ``apply``, ``type``, ``cpu``, ``to``,
-    ...) cannot be added, whatever the adapter."""
+    ...) cannot be added, whatever the adapter. Nor can a name in :data:`PIPELINE_NAMES`."""
     for cls_name, attributes in _container_attributes().items():
         if name in attributes:
             return f"{name!r} is an attribute of torch's {cls_name}, where peft stores each adapter by name"
-    return None
+    return PIPELINE_NAMES.get(name)
+
+
+# Names the pipeline itself gives to other adapters or rows: a skill by one of these would be
+# trained or scored as that other thing (``python -m lib.experts.train general`` trains the
+# general LoRA, not a skill), so they are refused like the torch attribute names.
+PIPELINE_NAMES = {
+    name: f"{name!r} is {what}" for name, what in {
+        "joint": "the joint LoRA's name in `python -m lib.experts.train joint`",
+        "general": "the general LoRA's name in `python -m lib.experts.train general` and in arrow_gks",
+        "replicate": "a command of `python -m lib.experts.train replicate`",
+        "base": "the base model's row in every score table",
+    }.items()
+}
 
 
 @functools.cache
@@ -130,6 +154,15 @@ class TeacherParams(Section):
     batch_size: int = Field(ge=1)
 
 
+# Counts the schema's bounds allow but a later step cannot use: the least each may be (0 still
+# allowed for n_composed: no composed set) and why; fewer fails only after datasets are written.
+SYNTH_LEAST = {
+    "n_train": (2, "stage 01 shows the first 2 training rows of every skill"),
+    "n_composed": (3, "stage 01 shows the first 3 composed test rows"),
+    "corpus_size": (2, "one line is the corpus's validation split and the base pretrains on the rest"),
+}
+
+
 class SynthesizeParams(Section):
     source: Literal["programmatic", "teacher"]
     seed: int
@@ -149,6 +182,15 @@ class SynthesizeParams(Section):
     echo_answer: Literal["input", "name"] = Field(description="what an unknown command answers: its input, or the "
                                                   "command word (no skill can leak into the base)")
     teacher: TeacherParams
+
+    @field_validator(*SYNTH_LEAST)
+    @classmethod
+    def _usable_counts(cls, v, info):
+        least, why = SYNTH_LEAST[info.field_name]
+        optional = info.field_name == "n_composed"
+        if v < least and not (optional and v == 0):
+            raise ValueError(f"{info.field_name} must be {'0 or ' if optional else ''}at least {least}: {why}")
+        return v
 
     @model_validator(mode="after")
     def _teacher_needs_model(self):
@@ -224,6 +266,33 @@ class ReplicatesParams(Section):
         if any(s < 0 for s in v):
             raise ValueError(f"seeds must be >= 0, got {v}")
         return v
+
+
+class LevelsParams(Section):
+    """Issue 15's axis of latent skill knowledge: the study again on bases whose corpus holds
+    the training skills (under their alias names) in another share of its lines. Each level
+    (DVC stage level@<fraction>) pretrains its own base, trains every expert and the joint
+    LoRA at the total steps (experts' recipe, experts.seed), and scores the base, the experts,
+    the joint LoRA and ``merges``; the main study's base is the level
+    synthesize.corpus_skill_fraction."""
+
+    fractions: list[float] = Field(min_length=1, description="synthesize.corpus_skill_fraction of each further base")
+    merges: list[str] = Field(min_length=1, description="ΔW merges scored at every level (λ from merge_route.lam_grid)")
+    workers: int = Field(ge=1, description="processes training a level's adapters side by side (one torch thread each)")
+
+    @field_validator("fractions")
+    @classmethod
+    def _fractions(cls, v):
+        if len(set(v)) != len(v):
+            raise ValueError(f"a fraction is listed twice: {v}")
+        if any(not 0 <= f < 1 for f in v):
+            raise ValueError(f"each fraction must be in [0, 1), got {v}")
+        return v
+
+    @field_validator("merges")
+    @classmethod
+    def _merges(cls, v):
+        return _merge_methods(v)
 
 
 class EvalParams(Section):
@@ -504,6 +573,7 @@ SCHEMAS: dict[str, type[Section]] = {
     "experts": ExpertsParams,
     "evaluation": EvalParams,
     "replicates": ReplicatesParams,
+    "levels": LevelsParams,
     "merge_route": MergeRouteParams,
     "continual": ContinualParams,
     "localize": LocalizeParams,
@@ -614,15 +684,41 @@ def load(sections: list[str], path: str | Path = "params.yaml", profile: str | P
     if missing:
         raise ParamsError(f"{path}: missing section(s) {missing}")
     out = {s: validate_section(s, raw[s], str(path)) for s in sections}
+    check_across_sections(out, path)
     if "experts" in out and "replicates" in out and out["experts"].seed in out["replicates"].seeds:
         raise ParamsError(f"{path}: replicates.seeds {out['replicates'].seeds} repeats experts.seed "
                           f"{out['experts'].seed}: each replicate must be another seed")
+    if "synthesize" in out and "levels" in out and out["synthesize"].corpus_skill_fraction in out["levels"].fractions:
+        raise ParamsError(f"{path}: levels.fractions {out['levels'].fractions} repeats synthesize.corpus_skill_fraction "
+                          f"{out['synthesize'].corpus_skill_fraction}: the main study is that level already")
     return out
+
+
+ARROW_ROUTERS = ("arrow", "arrow_gks")
+
+
+def check_across_sections(out: dict, path: str | Path) -> None:
+    """Values valid in their own section that another section makes unusable (each would fail
+    only mid-stage, after other work): ParamsError naming the keys on both sides."""
+    skills = out.get("skills")
+    if skills is None:
+        return
+    syn = out.get("synthesize")
+    if syn is not None and skills.heldout and syn.n_heldout == 0:
+        raise ParamsError(f"{path}: synthesize.n_heldout is 0 but skills.heldout is {skills.heldout}: each held-out "
+                          "skill needs test prompts (stage 01 shows one); give n_heldout >= 1 or hold out no skill")
+    mr = out.get("merge_route")
+    if mr is not None and set(ARROW_ROUTERS) & set(mr.routers) and mr.arrow.top_k > len(skills.train):
+        raise ParamsError(f"{path}: merge_route.arrow.top_k {mr.arrow.top_k} is more than the {len(skills.train)} "
+                          f"experts of skills.train (routers {[r for r in mr.routers if r in ARROW_ROUTERS]} mix "
+                          "top_k of them per token); lower it")
 
 
 def from_notebook(**sections: Any) -> dict:
     """Validate the dicts a notebook's parameters cell holds (same schemas as the runner)."""
-    return {name: validate_section(name, values, "notebook parameters") for name, values in sections.items()}
+    out = {name: validate_section(name, values, "notebook parameters") for name, values in sections.items()}
+    check_across_sections(out, "notebook parameters")
+    return out
 
 
 # --------------------------------------------------------------------------- defaults

@@ -156,12 +156,14 @@ def pretrain_base(model, tokenizer, corpus: Dataset, m, out_dir: Path, progress:
     collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
     # Right padding for training (labels of padded positions are -100 either way).
     tokenizer.padding_side = "right"
-    trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collator)
+    # A diverged base (NaN weights) would make every later number meaningless, with exit 0.
+    trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collator, callbacks=[FiniteLossGuard()])
     t0 = time.perf_counter()
     try:
         trainer.train()
     finally:
         tokenizer.padding_side = "left"
+    check_finite(trainer.model, "the base model (model.lr)")
     shutil.rmtree(out_dir / "trainer", ignore_errors=True)
     return trainer, time.perf_counter() - t0
 

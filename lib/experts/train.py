@@ -10,24 +10,25 @@
 recipe as an expert): the "general knowledge" adapter GenKnowSub subtracts in stage 04.
 
 The joint baseline trains on the union of all training skills under two budgets: the
-steps of one expert, and the steps of all experts together, so "experts + merge" is
-compared with "one model on everything" at equal and at equal-total compute.
-With early stopping (``experts.stop_loss``) the experts run different numbers of steps,
-read from each expert's train_info.json: "all experts' steps" is their sum and "one
-expert's steps" their mean (rounded); the joint runs follow the same stopping rule.
+steps of one expert (``experts.steps``), and the steps of all experts together
+(``experts.steps`` × the number of training skills), so "experts + merge" is compared with
+"one model on everything" at equal and at equal-total compute. Both are the experts' step
+*cap*: with early stopping (``experts.stop_loss``, which the joint runs follow too) an expert
+may run fewer, so the joint LoRA gets at least the experts' compute, never less (the
+conservative side for "experts + merging beat joint training"), and it can train side by side
+with the experts instead of waiting for their step counts.
 
 ``experts.replay`` mixes lines of the base's own corpus into every expert's and the joint
 LoRA's training rows (that share of the rows), so an update binds a skill to its instruction
 without rewriting what the base does elsewhere (issue 15's testbed).
 
-``replicate --seed K`` retrains the whole recipe with seed K (every expert, then the joint LoRA
-at the total steps those experts ran): the seed replicates stage 04 scores so that the
-claims' intervals are over seeds (``replicates.seeds``).
+``replicate --seed K`` retrains the whole recipe with seed K (every expert and the joint LoRA
+at the total steps, ``replicates.workers`` at a time): the seed replicates stage 04 scores so
+that the claims' intervals are over seeds (``replicates.seeds``).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import zlib
 from pathlib import Path
@@ -46,14 +47,15 @@ def joint_train_set(skill_names: list[str], root: Path, seed: int):
     return concatenate_datasets(parts).shuffle(seed=seed)
 
 
-def with_replay(train, root: Path, share: float, seed: int, name: str):
-    """``train`` (prompt/answer rows) with corpus lines mixed in so that they are ``share`` of
-    the rows, shuffled; the corpus rows and the order depend on ``seed`` and ``name`` only."""
+def with_replay(train, root: Path, share: float, seed: int, name: str, corpus: Path | None = None):
+    """``train`` (prompt/answer rows) with lines of the base's corpus (``corpus``, default
+    root/datasets/corpus) mixed in so that they are ``share`` of the rows, shuffled; the corpus
+    rows and the order depend on ``seed`` and ``name`` only."""
     if share <= 0:
         return train
     from lib.synth.datasets import corpus_rows
 
-    texts = data.load(root / "datasets" / "corpus", ("train",))["train"]["text"]
+    texts = data.load(corpus or root / "datasets" / "corpus", ("train",))["train"]["text"]
     pool = Dataset.from_dict(corpus_rows(list(texts)))
     salt = zlib.crc32(name.encode()) % 100_000  # a fixed draw per adapter, not Python's salted hash
     n = min(len(pool), round(len(train) * share / (1 - share)))
@@ -61,58 +63,54 @@ def with_replay(train, root: Path, share: float, seed: int, name: str):
     return concatenate_datasets([train.select_columns(["prompt", "answer"]), replay]).shuffle(seed=seed + salt)
 
 
-def experts_steps(skill_names: list[str], root: Path, experts_dir: Path | None = None) -> list[int]:
-    """Steps each trained expert actually ran; an expert not trained yet is a clear error."""
-    steps = []
-    for s in skill_names:
-        info = (experts_dir or root / "models" / "experts") / s / "train_info.json"
-        if not info.exists():
-            raise data.DataError(f"{info}: missing; the joint budgets need every expert trained first "
-                                 f"(dvc repro expert@{s})")
-        saved = json.loads(info.read_text())
-        steps.append(saved.get("steps_run", saved["steps"]))
-    return steps
+def joint_budget(budget: str, n_skills: int, e) -> int:
+    """same_steps: one expert's step cap; total_steps: the caps of all ``n_skills`` experts."""
+    return e.steps if budget == "same_steps" else e.steps * n_skills
 
 
-def joint_budget(budget: str, skill_names: list[str], root: Path, experts_dir: Path | None = None) -> int:
-    """same_steps: the mean steps of one expert; total_steps: all experts' steps together."""
-    steps = experts_steps(skill_names, root, experts_dir)
-    return max(1, round(sum(steps) / len(steps))) if budget == "same_steps" else sum(steps)
-
-
-def _replicate_expert(root: str, experts: dict, skill: str, seed: int, progress: bool) -> dict:
-    """One expert of a replicate, in this process (a worker's entry point: plain arguments)."""
+def train_one(job: dict, progress: bool = False) -> dict:
+    """One adapter from plain arguments (a worker's entry point): ``job`` names the project
+    ``root``, the ``experts`` recipe (a dict), ``name`` (a training skill or ``joint``), the
+    ``skills`` a joint LoRA trains on, ``seed``, ``steps``, the ``base`` and its ``corpus``
+    (for replay) and the ``out`` directory."""
     one_cpu_thread()
-    root_p, e = Path(root), config.ExpertsParams.model_validate(experts)
-    train = with_replay(data.load(root_p / "datasets" / "skills" / skill, ("train",), verify_answers=True)["train"],
-                        root_p, e.replay, seed, skill)
-    resolved = {"experts": experts, "name": skill, "seed": seed, "steps": e.steps}
-    out = root_p / "models" / "replicates" / str(seed) / "experts" / skill
-    return train_lora(root_p / "models" / "base", train, e, e.steps, seed, out, progress, resolved)
+    root, e = Path(job["root"]), config.ExpertsParams.model_validate(job["experts"])
+    if job["name"] == "joint":
+        train = joint_train_set(job["skills"], root, job["seed"])
+    else:
+        train = data.load(root / "datasets" / "skills" / job["name"], ("train",), verify_answers=True)["train"]
+    train = with_replay(train, root, e.replay, job["seed"], job["name"], Path(job["corpus"]))
+    resolved = {"experts": job["experts"], "name": job["name"], "seed": job["seed"], "steps": job["steps"],
+                **({"budget": "total_steps", "skills": job["skills"]} if job["name"] == "joint" else {})}
+    return train_lora(Path(job["base"]), train, e, job["steps"], job["seed"], Path(job["out"]), progress, resolved)
 
 
-def replicate(seed: int, root: Path, skills, e, workers: int = 1, progress: bool = True) -> dict:
-    """Every expert (in ``workers`` processes, one torch thread each, so the adapters are the
-    same for any number of workers), then the joint LoRA at their total steps, all with
-    ``seed``, under models/replicates/<seed>/ (experts/<skill>, joint/total_steps)."""
-    out = root / "models" / "replicates" / str(seed)
-    args = [(str(root.resolve()), e.model_dump(mode="json"), s, seed) for s in skills.train]
+def train_set(root: Path, skills: list[str], e, seed: int, base: Path, corpus: Path, out: Path,
+              workers: int = 1, progress: bool = True) -> dict:
+    """Every expert (out/experts/<skill>) and the joint LoRA at the total steps
+    (out/joint/total_steps) on ``base``, all with ``seed``, in ``workers`` processes with one
+    torch thread each (so the adapters are the same for any number of workers); the joint run,
+    the longest, is handed out first. Returns each adapter's steps run."""
+    common = {"root": str(root.resolve()), "experts": e.model_dump(mode="json"), "seed": seed, "skills": list(skills),
+              "base": str(base.resolve()), "corpus": str(corpus.resolve())}
+    jobs = [{**common, "name": "joint", "steps": joint_budget("total_steps", len(skills), e),
+             "out": str(out / "joint" / "total_steps")}]
+    jobs += [{**common, "name": s, "steps": e.steps, "out": str(out / "experts" / s)} for s in skills]
     if workers <= 1:
-        infos = {a[2]: _replicate_expert(*a, progress) for a in args}
+        infos = [train_one(j, progress) for j in jobs]
     else:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
 
-        with ProcessPoolExecutor(max_workers=min(workers, len(args)), mp_context=mp.get_context("spawn")) as pool:
-            futures = {a[2]: pool.submit(_replicate_expert, *a, False) for a in args}
-            infos = {s: f.result() for s, f in futures.items()}
-    steps = joint_budget("total_steps", skills.train, root, out / "experts")
-    train = with_replay(joint_train_set(skills.train, root, seed), root, e.replay, seed, "joint")
-    resolved = {"experts": e.model_dump(mode="json"), "name": "joint", "budget": "total_steps",
-                "skills": skills.train, "seed": seed, "steps": steps}
-    infos["joint_total_steps"] = train_lora(root / "models" / "base", train, e, steps, seed,
-                                            out / "joint" / "total_steps", progress, resolved)
-    return {k: v.get("steps_run") for k, v in infos.items()}
+        with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=mp.get_context("spawn")) as pool:
+            infos = [f.result() for f in [pool.submit(train_one, j) for j in jobs]]
+    return {("joint_total_steps" if j["name"] == "joint" else j["name"]): i.get("steps_run") for j, i in zip(jobs, infos)}
+
+
+def replicate(seed: int, root: Path, skills, e, workers: int = 1, progress: bool = True) -> dict:
+    """The whole expert recipe with ``seed`` under models/replicates/<seed>/ (:func:`train_set`)."""
+    return train_set(root, skills.train, e, seed, root / "models" / "base", root / "datasets" / "corpus",
+                     root / "models" / "replicates" / str(seed), workers, progress)
 
 
 def run(name: str, budget: str | None = None, root: str | Path = ".", params: str = "params.yaml",
@@ -133,7 +131,7 @@ def run(name: str, budget: str | None = None, root: str | Path = ".", params: st
         if budget not in BUDGETS:
             raise config.ParamsError(f"joint needs --budget, one of {', '.join(BUDGETS)}; got {budget!r}")
         train = with_replay(joint_train_set(skills.train, root, e.seed), root, e.replay, e.seed, "joint")
-        steps = joint_budget(budget, skills.train, root)
+        steps = joint_budget(budget, len(skills.train), e)
         out = root / "models" / "joint" / budget
         resolved.update(budget=budget, skills=skills.train)
     elif name == "general":

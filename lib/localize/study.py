@@ -120,7 +120,7 @@ def setup(workdir: str | Path, *, skills: dict, experts: dict, evaluation: dict,
 
     tests = {s: skill_split(".", s, "test", L.eval_n) for s in names}
     train_ex, val_ex = examples("train"), examples("validation")
-    deltas = {src: load_deltas(".", base, src, names, pre) for src in L.sources}
+    deltas = {src: load_deltas(".", base, src, names, pre, EX) for src in L.sources}
     return Setup(skills=S, experts=EX, evaluation=E, localize=L, names=names, families=families, model=base,
                  tok=tok, pre=pre, n_considered=G.numel(pre), n_total=sum(p.numel() for p in base.parameters()),
                  tests=tests, train_ex=train_ex, val_ex=val_ex, deltas=deltas)
@@ -177,13 +177,16 @@ def _full_ft_delta(root: Path, skill: str, pre: Mapping[str, torch.Tensor]) -> d
     return G.delta_of(pre, {n: saved[n].to(device) for n in pre})
 
 
-def _lora_deltas(root: Path, base, skills: Sequence[str], pre: Mapping[str, torch.Tensor]) -> dict[str, dict]:
+def _lora_deltas(root: Path, base, skills: Sequence[str], pre: Mapping[str, torch.Tensor], experts=None) -> dict[str, dict]:
+    from lib.experts.adapters import check_recipe
     from lib.merge.task_vectors import task_vectors
 
     dirs = {s: root / "models" / "experts" / s for s in skills}
     for s, d in dirs.items():
         if not (d / "adapter_config.json").exists():
             raise LocalizeError(f"{d}: no LoRA expert for {s!r}; run `dvc repro expert@{s}`")
+        if experts is not None:  # as stages 03-05: run by hand, a stale expert would be localized silently
+            check_recipe(d, experts)
     tvs = task_vectors(base, dirs)
     out = {}
     for s, tv in tvs.items():
@@ -197,13 +200,14 @@ def _lora_deltas(root: Path, base, skills: Sequence[str], pre: Mapping[str, torc
 
 
 def load_deltas(root: str | Path, base, source: str, skills: Sequence[str],
-                pre: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """{skill: Δθ} for ``source`` (``full_ft`` or ``lora``) over the names of ``pre``."""
+                pre: Mapping[str, torch.Tensor], experts=None) -> dict[str, dict[str, torch.Tensor]]:
+    """{skill: Δθ} for ``source`` (``full_ft`` or ``lora``) over the names of ``pre``; with
+    ``experts`` (the params section), a LoRA expert trained with other params is refused."""
     root = Path(root)
     if source == "full_ft":
         return {s: _full_ft_delta(root, s, pre) for s in skills}
     if source == "lora":
-        return _lora_deltas(root, base, skills, pre)
+        return _lora_deltas(root, base, skills, pre, experts)
     raise LocalizeError(f"unknown source {source!r}; known: full_ft, lora")
 
 

@@ -59,13 +59,22 @@ class MergeRoute:
 
 def setup(cfg: dict) -> MergeRoute:
     """Load stage 04's inputs from the project root (the current directory)."""
+    seed_everything(cfg["merge_route"].seed)
+    return load(cfg, "models/base", X.adapter_dirs(".", cfg["skills"].train))
+
+
+def load(cfg: dict, base_dir: str | Path, dirs: dict[str, Path], root: str | Path = ".",
+         test_sets: tuple[str, ...] | None = None) -> MergeRoute:
+    """A :class:`MergeRoute` over the adapters ``dirs`` (every expert by skill name, joint
+    LoRAs as joint_<budget>) on the base in ``base_dir``; ``test_sets`` keeps only those of
+    the project's test sets (skills, composed, heldout), default all."""
     S, EX, E, P = cfg["skills"], cfg["experts"], cfg["evaluation"], cfg["merge_route"]
-    seed_everything(P.seed)
-    dirs = X.adapter_dirs(".", S.train)
-    peft_model, tok = X.load_with_adapters("models/base", dirs, EX)  # every expert and the joint LoRAs, side by side
-    base, _ = load_on_device("models/base")  # a clean copy for merged weights
-    tests = data.test_sets(".", S)
-    val = data.test_sets(".", S, split="validation")
+    peft_model, tok = X.load_with_adapters(base_dir, dirs, EX)  # every expert and the joint LoRAs, side by side
+    base, _ = load_on_device(base_dir)  # a clean copy for merged weights
+    tests = data.test_sets(root, S)
+    if test_sets is not None:
+        tests = {k: v for k, v in tests.items() if k in test_sets}
+    val = data.test_sets(root, S, split="validation")
     tvs, tv_s = timed(lambda: M.task_vectors(peft_model, list(S.train)))
     return MergeRoute(S, E, P, dirs, peft_model, tok, base, tests, val, Bench(tok, tests, E), tvs, tv_s)
 

@@ -1,6 +1,6 @@
 """The mergeability trade-off: one row per expert recipe that was run end to end.
 
-    python -m lib.report.recipes record [--root PROJECT] [--note TEXT]
+    python -m lib.report.recipes record [--root PROJECT] [--note TEXT] [--levels]
 
 After a full ``dvc repro`` (or ``dvc exp run``) of stages 01-04 in PROJECT, appends the
 recipe (the params that shape the experts and the base) and what it gave (expert accuracy
@@ -60,8 +60,38 @@ def recipe_row(root: str | Path, note: str = "") -> dict:
     return row
 
 
-def record(root: str | Path, note: str = "", csv: Path = RECIPES_CSV) -> pd.DataFrame:
-    row = pd.DataFrame([recipe_row(root, note)])
+def level_rows(root: str | Path, note: str = "") -> list[dict]:
+    """One row per level of ``levels.fractions`` (stage level_score@<fraction>): the run's recipe
+    with that corpus fraction, and the level's measured results (no routers at a level)."""
+    import statistics
+
+    root = Path(root)
+    params = read_yaml(root / "params.yaml")
+    rows = []
+    for f in (params.get("levels") or {}).get("fractions", []):
+        m = read_json(root / "metrics" / "levels" / f"{f}.json")
+        row = {k: v for k, v in recipe_row(root).items() if "." in k}  # the recipe columns only
+        row["synthesize.corpus_skill_fraction"] = f
+        merges = {k: v["norm_acc"] for k, v in m["systems"].items() if k.startswith("merge:") and v["norm_acc"] is not None}
+        best = max(merges, key=merges.get, default=None)
+        row.update({
+            "base_max": m["base"]["max_accuracy"],
+            "expert_own_min": min(m["expert_own"].values()),
+            "expert_own_median": statistics.median(m["expert_own"].values()),
+            "best_merge": best, "best_merge_norm_acc": merges.get(best),
+            "task_arithmetic_norm_acc": m["systems"].get("merge:task_arithmetic", {}).get("norm_acc"),
+            "ties_norm_acc": m["systems"].get("merge:ties", {}).get("norm_acc"),
+            "best_router_norm_acc": None,
+            "joint_total_norm_acc": m["systems"]["joint_total_steps"]["norm_acc"],
+            "note": note, "source": f"level@{f} of a full dvc repro (python -m lib.report.recipes record --levels)",
+        })
+        rows.append(row)
+    return rows
+
+
+def record(root: str | Path, note: str = "", csv: Path = RECIPES_CSV, levels: bool = False) -> pd.DataFrame:
+    """Append the run's row (and with ``levels`` one row per level) to ``csv``."""
+    row = pd.DataFrame([recipe_row(root, note), *(level_rows(root, note) if levels else [])])
     if csv.exists():
         row = pd.concat([pd.read_csv(csv), row], ignore_index=True)
     csv.parent.mkdir(parents=True, exist_ok=True)
@@ -74,8 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("command", choices=["record"])
     ap.add_argument("--root", default=".")
     ap.add_argument("--note", default="")
+    ap.add_argument("--levels", action="store_true", help="also one row per level (stages level_score@<fraction>)")
     args = ap.parse_args(argv)
-    table = record(args.root, args.note)
+    table = record(args.root, args.note, levels=args.levels)
     print(table.tail(1).T.to_string())
     return 0
 

@@ -51,6 +51,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from lib.core.modeling import check_adapter_files
+
 ROUTER = "arrow_router"
 """The adapter name peft gives the router (``create_arrow_model``)."""
 
@@ -71,6 +73,9 @@ def _adapter_config(name: str, path, kind: str) -> dict:
         raise ValueError(f"{kind} {name!r}: {path} holds a {cfg.get('peft_type')} adapter; Arrow needs LoRA")
     if cfg.get("use_dora"):
         raise ValueError(f"{kind} {name!r}: {path} is a DoRA adapter; Arrow routes plain LoRA experts")
+    # The same gate as every stage: peft would unpickle an adapter_model.bin, and name a truncated
+    # file only by safetensors' own error.
+    check_adapter_files(path)
     return cfg
 
 

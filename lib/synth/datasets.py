@@ -14,7 +14,7 @@ from pathlib import Path
 from datasets import Dataset, DatasetDict
 
 from lib import skills as skill_lib
-from lib.core.config import SkillsParams, SynthesizeParams
+from lib.core.config import SYNTH_LEAST, ParamsError, SkillsParams, SynthesizeParams, read_yaml
 from lib.core.data import DataError, save
 from lib.skills import compose
 
@@ -74,9 +74,11 @@ def skill_splits(name: str, skills: SkillsParams, syn: SynthesizeParams, train_p
         held = set(test)
         kept = [p for p in train_prompts if p not in held]
         val, train = kept[: syn.n_val], kept[syn.n_val : syn.n_val + syn.n_train]
-        if not train:
-            raise DataError(f"skill {name!r}: the teacher kept {len(kept)} new prompts, not more than n_val={syn.n_val}; "
-                            "raise synthesize.teacher.n_candidates or lower synthesize.n_val")
+        least = SYNTH_LEAST["n_train"][0]  # the same floor as synthesize.n_train
+        if len(train) < least:
+            raise DataError(f"skill {name!r}: the teacher kept {len(kept)} new prompts, fewer than n_val={syn.n_val} "
+                            f"+ {least} training prompts; raise synthesize.teacher.n_candidates or lower "
+                            "synthesize.n_val")
     return DatasetDict({
         split: _dataset(rows(ps, name, skill.family), f"{name}/{split}")
         for split, ps in (("train", train), ("validation", val), ("test", test))
@@ -254,15 +256,16 @@ def load_cards(data_dir: str | Path, names: list[str]) -> dict[str, dict]:
     A skill without a card is allowed (programmatic synthesis does not need one) and is
     simply absent from the result.
     """
-    import yaml
-
     cards = {}
     for name in names:
         path = Path(data_dir) / "skills" / f"{name}.yaml"
         if not path.exists():
             continue
         try:
-            card = yaml.safe_load(path.read_text())
+            card = read_yaml(path)  # one line with file:line:column, and a key given twice is an error
+        except ParamsError as e:
+            raise DataError(f"{e} (a skill card)") from None
+        try:
             exemplars = card["exemplars"]
         except Exception as e:
             raise DataError(f"{path}: not a skill card ({type(e).__name__}: {e})") from None
