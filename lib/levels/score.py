@@ -10,15 +10,13 @@ merge parameter rescores a level without retraining it.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from pathlib import Path
 
 from lib.core import config, data, io
-from lib.core.modeling import ModelLoadError
-from lib.levels.common import SECTIONS, level_dir, metrics_path, parse_fraction
+from lib.levels.common import cli, SECTIONS, level_dir, metrics_path, parse_fraction
 
 
 def score(cfg: dict, out: Path, root: Path = Path(".")) -> dict:
@@ -61,19 +59,7 @@ def score_level(fraction: str, root: str | Path = ".", params: str = "params.yam
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("fraction", help="one of levels.fractions, as written there")
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--profile", default=None)
-    ap.add_argument("--workdir", default=".", help="project root (where params.yaml, datasets/ and models/ are)")
-    args = ap.parse_args(argv)
-    try:
-        found = score_level(args.fraction, args.workdir, args.params, args.profile)
-    except (config.ParamsError, data.DataError, ModelLoadError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print({k: found[k] for k in ("fraction", "systems")})
-    return 0
+    return cli(argv, __doc__, score_level, lambda found: {k: found[k] for k in ("fraction", "systems")})
 
 
 if __name__ == "__main__":

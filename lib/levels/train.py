@@ -12,15 +12,12 @@ levels together.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
 from lib.core import config, data, io
-from lib.core.modeling import ModelLoadError
-from lib.core.training import TrainingDiverged
-from lib.levels.common import SECTIONS, level_dir, parse_fraction
+from lib.levels.common import cli, SECTIONS, level_dir, parse_fraction
 
 
 def build_base(cfg: dict, f: float, out: Path, progress: bool = True) -> dict:
@@ -56,18 +53,7 @@ def train(fraction: str, root: str | Path = ".", params: str = "params.yaml", pr
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("fraction", help="one of levels.fractions, as written there")
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--profile", default=None)
-    ap.add_argument("--workdir", default=".", help="project root (where params.yaml, datasets/ and models/ are)")
-    args = ap.parse_args(argv)
-    try:
-        print(train(args.fraction, args.workdir, args.params, args.profile))
-    except (config.ParamsError, data.DataError, ModelLoadError, TrainingDiverged) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return cli(argv, __doc__, train, lambda found: found)
 
 
 if __name__ == "__main__":
