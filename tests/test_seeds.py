@@ -181,6 +181,9 @@ def test_perturbation_check_flags_exactly_the_verdicts_that_changed():
     assert [r["claim"] for r in rows if not r["same"]] == ["ties_dare"]
     text = markdown(rows, 1, (0.5, 0.51), 60.0)
     assert "ties_dare | held | inconclusive **(differs)**" in text and f"{len(rows) - 1} of {len(rows)}" in text
+    assert "Nothing changed" not in text
+    same = markdown(compare(ref, copy.deepcopy(ref)), 1, (0.5, 0.5), 60.0)  # a perturbation that moved nothing
+    assert "Nothing changed" in same
     # the levels' verdicts are compared too, one row per level
     level = pd.DataFrame([{"fraction": 0.0, "best_merge": "merge:ties", "merge:ties": 0.1, "joint_total_steps": 0.9,
                            "merge_beats_joint": "did not hold"}])
