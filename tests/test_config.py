@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from conftest import PARAMS, PROFILES, set_dotted
+from conftest import PARAMS, PROFILES, REPO, set_dotted
 from lib.core import config
 from lib.cli import run_stage
 from lib import skills as skill_lib
@@ -226,3 +226,22 @@ def test_every_shipped_profile_validates_and_applies(workdir, profile):
     assert yaml.safe_load((workdir / "params.yaml").read_text()) == merged == config.deep_merge(before, override)
     cfg = config.load(list(merged), workdir / "params.yaml")
     assert set(cfg) == set(merged)
+
+
+def test_applying_a_profile_rewrites_the_notebooks_parameters_cells(workdir):
+    """After `python -m lib.cli.profile smoke`, a notebook run by hand in JupyterLab reads the
+    profile's values, as `dvc repro` does (the report reads which levels exist from them)."""
+    import shutil
+
+    import nbformat
+
+    from lib.cli.profile import apply
+
+    shutil.copytree(REPO / "notebooks", workdir / "notebooks")
+    apply("smoke", workdir / "params.yaml")
+    nb = nbformat.read(workdir / "notebooks" / "07_report.ipynb", as_version=4)
+    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    smoke = yaml.safe_load((PROFILES / "smoke.yaml").read_text())
+    assert f"'fractions': {smoke['levels']['fractions']!r}" in cell.source
+    repo_nb = nbformat.read(REPO / "notebooks" / "07_report.ipynb", as_version=4)  # the repo's own copy untouched
+    assert "'fractions': [0.0, 0.35]" in next(c for c in repo_nb.cells if "parameters" in c.metadata.get("tags", [])).source

@@ -3,7 +3,8 @@
     python -m lib.cli.profile smoke      # or gpu; `git checkout params.yaml` goes back
 
 DVC reads its params from params.yaml only, so a profile is applied by rewriting that
-file (comments are lost; the merged values are validated first). `dvc exp run -S` does
+file (comments are lost; the merged values are validated first), and the notebooks'
+parameters cells beside it are rewritten to match (``lib.cli.sync_notebooks``). `dvc exp run -S` does
 the same for single keys.
 """
 from __future__ import annotations
@@ -23,6 +24,13 @@ def apply(profile: str, params: str | Path = "params.yaml") -> dict:
         config.validate_section(section, values, f"{params} + profile {profile}")
     Path(params).write_text(f"# params.yaml with profile {profile!r} applied (python -m lib.cli.profile)\n"
                             + yaml.safe_dump(merged, sort_keys=False))
+    # The notebooks' parameters cells follow, so a notebook run by hand in JupyterLab reads the
+    # profile's values (which levels exist, how many skills) as `dvc repro` does.
+    notebooks = Path(params).resolve().parent / "notebooks"
+    if notebooks.is_dir():
+        from lib.cli.sync_notebooks import sync
+
+        sync(Path(params), notebooks.parent)
     return merged
 
 

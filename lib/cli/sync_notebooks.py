@@ -23,11 +23,12 @@ HEADER = [
 ]
 
 
-def sync(params: Path = REPO / "params.yaml") -> list[Path]:
+def sync(params: Path = REPO / "params.yaml", root: Path = REPO) -> list[Path]:
+    """The notebooks under ``root``/notebooks rewritten from ``params``; returns those changed."""
     values = read_yaml(params)
     changed = []
     for stage in STAGES.values():
-        path = REPO / "notebooks" / stage.notebook
+        path = Path(root) / "notebooks" / stage.notebook
         nb = nbformat.read(path, as_version=4)
         cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
         source = "\n".join(HEADER + [f"{s} = {values[s]!r}" for s in stage.sections])
