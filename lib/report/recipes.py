@@ -67,10 +67,11 @@ def level_rows(root: str | Path, note: str = "") -> list[dict]:
 
     root = Path(root)
     params = read_yaml(root / "params.yaml")
+    recipe = {k: v for k, v in recipe_row(root).items() if "." in k}  # the run's recipe columns, read once
     rows = []
     for f in (params.get("levels") or {}).get("fractions", []):
         m = read_json(root / "metrics" / "levels" / f"{f}.json")
-        row = {k: v for k, v in recipe_row(root).items() if "." in k}  # the recipe columns only
+        row = dict(recipe)
         row["synthesize.corpus_skill_fraction"] = f
         merges = {k: v["norm_acc"] for k, v in m["systems"].items() if k.startswith("merge:") and v["norm_acc"] is not None}
         best = max(merges, key=merges.get, default=None)
