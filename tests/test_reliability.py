@@ -348,6 +348,29 @@ def test_wrong_answer_in_a_test_set_is_caught_before_scoring(tmp_path):
     assert "the solver says" in msg
 
 
+def test_a_deleted_composed_set_is_an_error_not_a_smaller_study(tmp_path):
+    """Stage 01's manifest says a composed set was written; if it is gone, scoring stops naming it."""
+    skills = make_params(SkillsParams, train=["reverse", "upper"], heldout=[])
+    syn = make_params(SynthesizeParams, n_train=4, n_val=2, n_test=4, n_composed=6, n_heldout=0, corpus_size=4)
+    synth.synthesize_all(skills, syn, tmp_path / "datasets", data_dir=REPO / "data", progress=False)
+    assert set(data.test_sets(tmp_path, skills)) == {"skills", "composed"}
+    shutil.rmtree(tmp_path / "datasets" / "composed")
+    with pytest.raises(data.DataError, match=r"datasets/composed: dataset not found"):
+        data.test_sets(tmp_path, skills)
+    # Without a composed set in the params there is nothing to miss.
+    synth.synthesize_all(skills, make_params(SynthesizeParams, n_train=4, n_val=2, n_test=4, n_composed=0,
+                                             n_heldout=0, corpus_size=4),
+                         tmp_path / "d2" / "datasets", data_dir=REPO / "data", progress=False)
+    assert set(data.test_sets(tmp_path / "d2", skills)) == {"skills"}
+
+
+def test_localize_without_stage_03s_interference_table_is_an_error(tmp_path):
+    from lib.localize.study import interference_behaviour
+
+    with pytest.raises(FileNotFoundError, match=r"interference.csv: missing; stage 03 writes it"):
+        interference_behaviour(tmp_path / "plots" / "interference.csv", ["inc", "dec"])
+
+
 def test_failing_notebook_cell_fails_the_stage_with_the_cells_error(project, tmp_path, capsys):
     """Stage 03 on a copy of the smoke project whose test set holds a wrong answer."""
     root = tmp_path / "project"

@@ -5,6 +5,8 @@ so a missing, incomplete or corrupted dataset is one clear error naming the path
 """
 from __future__ import annotations
 
+import json
+
 import shutil
 from pathlib import Path
 
@@ -67,16 +69,29 @@ def verify(ds: DatasetDict, path: str | Path) -> None:
                 raise DataError(f"{path} [{split} row {i}]: answer {a!r} to {p!r} is wrong, the solver says {want!r}")
 
 
+MANIFEST = "manifest.json"
+
+
+def manifest(root: str | Path) -> dict:
+    """What stage 01 wrote under ``root`` (``{"composed": bool}``); empty for datasets written
+    by hand (tests) or before the manifest existed."""
+    path = Path(root) / MANIFEST
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def test_sets(root: str | Path, skills: SkillsParams, split: str = "test") -> dict[str, Dataset]:
     """The evaluation sets every stage scores on: all training skills' test splits together,
     the composed set and the held-out skills (the last two absent when not synthesized).
-    Every reference answer is checked against the solvers first (``verify_answers``)."""
+    Every reference answer is checked against the solvers first (``verify_answers``).
+
+    Whether the composed set was synthesized is read from stage 01's ``manifest.json``, so a
+    deleted ``datasets/composed`` is an error naming it rather than a study without it."""
     from datasets import concatenate_datasets
 
     root = Path(root) / "datasets"
     out = {"skills": concatenate_datasets([load(root / "skills" / s, (split,), verify_answers=True)[split]
                                            for s in skills.train])}
-    if (root / "composed").exists():
+    if (root / "composed").exists() or manifest(root).get("composed"):
         out["composed"] = load(root / "composed", (split,), verify_answers=True)[split]
     held = [load(root / "heldout" / s, (split,), verify_answers=True)[split] for s in skills.heldout]
     if held:

@@ -400,10 +400,13 @@ def family_overlap(jaccard: pd.DataFrame, families: Mapping[str, str]) -> tuple[
 
 
 def interference_behaviour(path: str | Path, skills: Sequence[str]) -> pd.DataFrame | None:
-    """Expert i's accuracy on skill j from stage 03 (``plots/interference.csv``); None if absent."""
+    """Expert i's accuracy on skill j from stage 03 (``plots/interference.csv``).
+
+    A missing file is an error naming it (it is a declared input of stage 06), not "not
+    measured": a deleted input must never quietly shrink the study."""
     path = Path(path)
     if not path.exists():
-        return None
+        raise FileNotFoundError(f"{path}: missing; stage 03 writes it (dvc repro experts)")
     t = pd.read_csv(path)
     t = t[t.model.isin(skills) & t.skill.isin(skills)]
     return t.pivot(index="model", columns="skill", values="accuracy").reindex(index=list(skills), columns=list(skills))
