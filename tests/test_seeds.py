@@ -179,10 +179,10 @@ def test_perturbation_check_flags_exactly_the_verdicts_that_changed():
     other["merge_route"]["systems"]["merge:ties"].update(norm_acc=0.1, norm_lo=0.09, norm_hi=0.11)
     rows = compare(ref, other)
     assert [r["claim"] for r in rows if not r["same"]] == ["ties_dare"]
-    text = markdown(rows, 1, (0.5, 0.51), 60.0)
+    text = markdown(rows, "a full `dvc repro` with one thread", (0.5, 0.51), 60.0)
     assert "ties_dare | held | inconclusive **(differs)**" in text and f"{len(rows) - 1} of {len(rows)}" in text
     assert "Nothing changed" not in text
-    same = markdown(compare(ref, copy.deepcopy(ref)), 1, (0.5, 0.5), 60.0)  # a perturbation that moved nothing
+    same = markdown(compare(ref, copy.deepcopy(ref)), "another run", (0.5, 0.5), None)  # a perturbation that moved nothing
     assert "Nothing changed" in same
     # the levels' verdicts are compared too, one row per level
     level = pd.DataFrame([{"fraction": 0.0, "best_merge": "merge:ties", "merge:ties": 0.1, "joint_total_steps": 0.9,
@@ -192,6 +192,38 @@ def test_perturbation_check_flags_exactly_the_verdicts_that_changed():
     assert [(r["claim"], r["verdict"], r["perturbed_verdict"]) for r in rows if not r["same"]] == [
         ("level 0: merging beats joint", "did not hold", "inconclusive")]
     assert rows[-1]["perturbed_measured"] == "best merge (ties) 0.880 vs joint 0.900"
+
+
+def test_base_perturbation_is_a_few_ulps_recorded_and_refused_when_malformed(monkeypatch):
+    """bench.perturb --noise: every weight moves by about rel·|w| (not zero, not more), the
+    same seed gives the same perturbation, and a malformed level is a clear error."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lib.experts import base as B
+
+    def model():
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(vocab_size=20, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                            num_attention_heads=2, num_key_value_heads=2))
+
+    ref, a, b = model(), model(), model()
+    info = B.perturb_weights(a, 1e-6, seed=0)
+    B.perturb_weights(b, 1e-6, seed=0)
+    assert info == {"relative_noise": 1e-6, "seed": 10_007}
+    for (name, p0), p1, p2 in zip(ref.named_parameters(), a.parameters(), b.parameters()):
+        rel = ((p1 - p0).abs() / p0.abs().clamp_min(1e-30))[p0 != 0]
+        assert torch.equal(p1, p2), name                   # reproducible
+        assert (p1 != p0).float().mean() > 0.5, name        # most weights move (some by less than an ulp)
+        assert rel.max() < 1e-5, name                       # and only by a few ulps
+    monkeypatch.delenv(B.PERTURB_ENV, raising=False)
+    assert B.perturbation() == 0.0
+    monkeypatch.setenv(B.PERTURB_ENV, "1e-6")
+    assert B.perturbation() == 1e-6
+    for bad in ("tiny", "2", "-1e-6"):
+        monkeypatch.setenv(B.PERTURB_ENV, bad)
+        with pytest.raises(ValueError, match=B.PERTURB_ENV):
+            B.perturbation()
 
 
 def test_report_figures_state_the_numbers_they_read():

@@ -41,6 +41,9 @@ def prepare_base(m: ModelParams, corpus_dir: str | Path, out_dir: str | Path, pr
             model, tok = load_causal_lm(m.base, m.trust_remote_code, key="model.base")
             curve = pd.DataFrame(columns=["step", "loss"])
             info = {"source": m.base, "pretrain_steps": 0, "tokens_seen": 0, "final_loss": float("nan")}
+        noise = perturbation()
+        if noise:
+            info["perturbed"] = perturb_weights(model, noise, seed=m.seed)
         model.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
         info.update(parameters=training.count_parameters(model), vocab_size=len(tok), seconds=round(time.perf_counter() - t0, 1))
@@ -50,6 +53,40 @@ def prepare_base(m: ModelParams, corpus_dir: str | Path, out_dir: str | Path, pr
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return info, curve
+
+
+# Set only by ``python -m bench.perturb --noise``: the float-rounding robustness check. It is
+# never read from params.yaml (no study should run on a perturbed base by accident), and a
+# base built with it says so in its info (metrics/base.json, "perturbed").
+PERTURB_ENV = "SKILL_EXPERTS_BASE_NOISE"
+
+
+def perturbation() -> float:
+    import os
+
+    raw = os.environ.get(PERTURB_ENV, "")
+    if not raw:
+        return 0.0
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{PERTURB_ENV}={raw!r}: not a number (a relative noise level such as 1e-6)") from None
+    if not 0 <= value < 1:
+        raise ValueError(f"{PERTURB_ENV}={raw!r}: a relative noise level must be in [0, 1)")
+    return value
+
+
+def perturb_weights(model, rel: float, seed: int) -> dict:
+    """Multiply every weight by (1 + rel·ε), ε ~ N(0, 1) drawn from its own generator: a change
+    of the size float rounding makes on another CPU (a few ulps at rel 1e-6 in float32), which
+    then grows through training as a different reduction order would. Returns what was done."""
+    import torch
+
+    gen = torch.Generator().manual_seed(10_007 + seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1 + rel * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return {"relative_noise": rel, "seed": 10_007 + seed}
 
 
 def answer_shape(text: str) -> str:
