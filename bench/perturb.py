@@ -14,7 +14,7 @@ gave a bit-identical study, so the thread count is no perturbation here. ``--noi
 default, 1e-6) is one: every pretrained base (stage 02's and each level's) has each weight
 multiplied by (1 + 1e-6·ε) before it is saved (``lib.experts.base.perturb_weights``), a few
 float32 ulps, as another CPU's rounding would leave it. In a scratch copy of the project (as the pipeline
-benchmark makes it) ``dvc repro`` runs with ``OMP_NUM_THREADS`` set; then the claims of both
+benchmark makes it) ``dvc repro`` runs with the perturbation set; then the claims of both
 runs are computed from their metrics and compared. Writes ``bench/results/perturb.json`` and
 ``bench/results/perturb.md``; exit status 1 when a verdict differs.
 """

@@ -5,8 +5,6 @@ so a missing, incomplete or corrupted dataset is one clear error naming the path
 """
 from __future__ import annotations
 
-import json
-
 import shutil
 from pathlib import Path
 
@@ -14,6 +12,7 @@ import datasets as hf_datasets
 from datasets import Dataset, DatasetDict, load_from_disk
 
 from lib import skills as skill_lib
+from lib.core.io import read_json, write_json
 
 # Datasets loaded from disk would otherwise write cache-*.arrow files next to their data
 # on every .map(), which changes a DVC-tracked output after its stage has finished.
@@ -72,11 +71,15 @@ def verify(ds: DatasetDict, path: str | Path) -> None:
 MANIFEST = "manifest.json"
 
 
+def write_manifest(root: str | Path, composed: bool) -> None:
+    write_json(Path(root) / MANIFEST, {"composed": composed})
+
+
 def manifest(root: str | Path) -> dict:
     """What stage 01 wrote under ``root`` (``{"composed": bool}``); empty for datasets written
     by hand (tests) or before the manifest existed."""
     path = Path(root) / MANIFEST
-    return json.loads(path.read_text()) if path.exists() else {}
+    return read_json(path) if path.exists() else {}
 
 
 def test_sets(root: str | Path, skills: SkillsParams, split: str = "test") -> dict[str, Dataset]:

@@ -8,6 +8,7 @@ stages never care where it came from.
 """
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from pathlib import Path
@@ -62,8 +63,7 @@ PERTURB_ENV = "SKILL_EXPERTS_BASE_NOISE"
 
 
 def perturbation() -> float:
-    import os
-
+    """The relative noise asked for in ``PERTURB_ENV`` (0.0 when unset)."""
     raw = os.environ.get(PERTURB_ENV, "")
     if not raw:
         return 0.0

@@ -399,7 +399,7 @@ def family_overlap(jaccard: pd.DataFrame, families: Mapping[str, str]) -> tuple[
     return mean(allv), mean(same), mean(cross)
 
 
-def interference_behaviour(path: str | Path, skills: Sequence[str]) -> pd.DataFrame | None:
+def interference_behaviour(path: str | Path, skills: Sequence[str]) -> pd.DataFrame:
     """Expert i's accuracy on skill j from stage 03 (``plots/interference.csv``).
 
     A missing file is an error naming it (it is a declared input of stage 06), not "not

@@ -15,7 +15,7 @@ from datasets import Dataset, DatasetDict
 
 from lib import skills as skill_lib
 from lib.core.config import SYNTH_LEAST, ParamsError, SkillsParams, SynthesizeParams, read_yaml
-from lib.core.data import MANIFEST, DataError, save
+from lib.core.data import DataError, save, write_manifest
 from lib.skills import compose
 
 
@@ -324,7 +324,7 @@ def synthesize_all(skills: SkillsParams, syn: SynthesizeParams, out_dir: str | P
     save(ds, out / "corpus")
     summary["corpus"] = {s: len(ds[s]) for s in ds}
     # Read by lib.core.data.test_sets: a composed set that should exist but is gone is an error.
-    (out / MANIFEST).write_text(json.dumps({"composed": bool(syn.n_composed)}) + "\n")
+    write_manifest(out, composed=bool(syn.n_composed))
     if teacher_reports:
         summary["teacher"] = {r["skill"]: {k: v for k, v in r.items() if k != "skill"} for r in teacher_reports}
     return summary
