@@ -288,7 +288,7 @@ def test_missing_updates_are_clear_errors(tmp_path, tiny):
     model, _, _, pre, *_ = tiny
     with pytest.raises(LZ.LocalizeError, match=r"no fine-tuned model for 'inc'; run `dvc repro finetune@inc`"):
         LZ.load_deltas(tmp_path, model, "full_ft", ["inc"], pre)
-    with pytest.raises(LZ.LocalizeError, match=r"no LoRA expert for 'inc'; run `dvc repro expert@inc`"):
+    with pytest.raises(LZ.LocalizeError, match=r"no LoRA expert for 'inc'; run `dvc repro adapters`"):
         LZ.load_deltas(tmp_path, model, "lora", ["inc"], pre)
     with pytest.raises(LZ.LocalizeError, match="unknown source 'x'"):
         LZ.load_deltas(tmp_path, model, "x", ["inc"], pre)

@@ -266,6 +266,42 @@ def test_interrupted_training_leaves_nothing_complete(tmp_path, trained, scratch
     assert {p.name: p.read_bytes() for p in old.iterdir()} == before
 
 
+def test_a_finished_adapter_from_the_same_inputs_is_kept_and_other_inputs_retrain(tmp_path, trained, scratch_base,
+                                                                                  monkeypatch, capsys):
+    """How the `adapters` stage (outputs kept by DVC) resumes: an adapter in place whose
+    run_key.json equals this run's inputs is returned as it is; any other input retrains it."""
+    from lib.core.sft import LeanSFTTrainer
+
+    done, info, resolved = trained
+    _, _, base = scratch_base
+    assert (done / training.RUN_KEY).is_file()
+    out = tmp_path / "experts" / "reverse"
+    shutil.copytree(done, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    calls = []
+    real = LeanSFTTrainer.train
+    monkeypatch.setattr(LeanSFTTrainer, "train", lambda self, *a, **k: (calls.append(1), real(self, *a, **k))[1])
+    train = skill_sets()["reverse"]["train"]
+    again = training.train_lora(base, train, EXPERT, EXPERT.steps, EXPERT.seed, out, progress=False,
+                                resolved_params=resolved)
+    assert again == info and not calls
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert "already trained from the same inputs" in capsys.readouterr().err
+    other = training.train_lora(base, train, EXPERT, EXPERT.steps, EXPERT.seed + 1, out, progress=False,
+                                resolved_params=resolved)
+    assert calls == [1] and other["seed"] == EXPERT.seed + 1
+    assert json.loads((out / "train_info.json").read_text()) == other
+
+
+def test_remove_stale_drops_the_adapters_of_dropped_skills_only(tmp_path):
+    for name in ("inc", "inc.partial", "dec", "sort.partial"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "README.txt").write_text("not an adapter")
+    train_expert.remove_stale(tmp_path, ["inc"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.txt", "inc", "inc.partial"]
+    train_expert.remove_stale(tmp_path / "absent", ["inc"])  # nothing there yet: nothing to do
+
+
 # --------------------------------------------------------------------------- 4. train_expert CLI
 
 
@@ -376,10 +412,24 @@ def test_joint_train_set_is_the_shuffled_union(tmp_path):
     assert a["prompt"] != concat  # shuffled, not just concatenated
 
 
-def test_joint_budgets_are_the_experts_step_cap():
-    e = config.make(config.ExpertsParams, steps=20)
-    assert train_expert.joint_budget("same_steps", 3, e) == 20
-    assert train_expert.joint_budget("total_steps", 3, e) == 60
+def test_joint_budgets_are_the_experts_step_caps():
+    e = config.make(config.ExpertsParams, steps=20, step_factor={"sort": 1})
+    assert train_expert.joint_budget("same_steps", ["inc", "dec", "sort"], e) == 20
+    assert train_expert.joint_budget("total_steps", ["inc", "dec", "sort"], e) == 60
+    # A skill given twice the steps: its cap is 40, the total is the sum of the caps, one
+    # expert's budget their mean.
+    e = config.make(config.ExpertsParams, steps=20, step_factor={"sort": 2})
+    assert [train_expert.expert_steps(e, s) for s in ("inc", "dec", "sort")] == [20, 20, 40]
+    assert train_expert.joint_budget("total_steps", ["inc", "dec", "sort"], e) == 80
+    assert train_expert.joint_budget("same_steps", ["inc", "dec", "sort"], e) == 27
+    assert train_expert.expert_steps(config.make(config.ExpertsParams, steps=3, step_factor={"inc": 0.1}), "inc") == 1
+
+
+@pytest.mark.parametrize("factor, message", [({"nosuch": 2}, "unknown skill 'nosuch'"),
+                                             ({"inc": 0}, "step_factor of 'inc' must be > 0")])
+def test_a_bad_step_factor_is_a_params_error(factor, message):
+    with pytest.raises(config.ParamsError, match=message):
+        config.make(config.ExpertsParams, step_factor=factor)
 
 
 class _State:

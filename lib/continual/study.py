@@ -217,7 +217,7 @@ def check_params(skills, c, root: str | Path = ".") -> None:
         missing = [t for t in c.tasks if not (root / "models" / "experts" / t / "adapter_config.json").exists()]
         if missing:
             raise config.ParamsError(f"the library strategies need the stage-03 experts of {missing} "
-                                     f"(models/experts/<skill>); run `dvc repro expert@{missing[0]}`")
+                                     f"(models/experts/<skill>); run `dvc repro adapters`")
 
 
 # --------------------------------------------------------------------------- the per-process study

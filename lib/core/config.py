@@ -78,6 +78,7 @@ PIPELINE_NAMES = {
         "joint": "the joint LoRA's name in `python -m lib.experts.train joint`",
         "general": "the general LoRA's name in `python -m lib.experts.train general` and in arrow_gks",
         "replicate": "a command of `python -m lib.experts.train replicate`",
+        "adapters": "a command of `python -m lib.experts.train adapters`",
         "base": "the base model's row in every score table",
     }.items()
 }
@@ -246,6 +247,18 @@ class ExpertsParams(Section):
     # the base's own corpus, so an expert binds its instruction without rewriting what the base
     # (and the other experts) rely on. 0.5: as many corpus rows as skill rows.
     replay: float = Field(ge=0, lt=1, description="share of training rows replayed from the base's corpus")
+    # A skill that needs more steps than the others gets a larger cap (steps × factor) instead
+    # of every expert training longer; the joint budgets follow the caps.
+    step_factor: dict[str, float] = Field(description="per-skill multiplier of `steps` for that skill's expert")
+
+    @field_validator("step_factor")
+    @classmethod
+    def _step_factor(cls, d: dict[str, float]) -> dict[str, float]:
+        for k, v in d.items():
+            _check_skill(k)
+            if not v > 0:
+                raise ValueError(f"step_factor of {k!r} must be > 0, got {v}")
+        return d
 
 
 class ReplicatesParams(Section):

@@ -180,6 +180,8 @@ CHECKPOINTS_PER_RUN = 10
 """A resumable checkpoint about every tenth of the step cap (see :func:`default_save_steps`)."""
 
 RESUME_KEY = "resume.json"
+RUN_KEY = "run_key.json"
+"""A finished adapter keeps the key it was made with, so a rerun from the same inputs keeps it."""
 
 
 def default_save_steps(steps: int) -> int:
@@ -256,6 +258,18 @@ def _resumable(tmp: Path, key: dict) -> tuple[Path | None, str]:
     return (ckpt, "") if ckpt else (None, "it holds no complete checkpoint")
 
 
+def finished_run(out_dir: Path, key: dict) -> dict | None:
+    """``out_dir``'s ``train_info.json`` when it holds a finished adapter made from inputs equal
+    to ``key`` (its :data:`RUN_KEY`), else None."""
+    try:
+        if json.loads((out_dir / RUN_KEY).read_text()) != key:
+            return None
+        info = json.loads((out_dir / "train_info.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return info if any(out_dir.glob("adapter_model.*")) else None
+
+
 def publish_run(tmp: Path, out_dir: Path, model, hist: pd.DataFrame, info: dict, resolved_params: dict | None) -> None:
     """Write a finished run's files into ``tmp`` (``<out_dir>.partial``), then rename it to
     ``out_dir``: the weights (safetensors), the loss curve, ``train_info.json`` and the params
@@ -318,6 +332,10 @@ def train_lora(base_dir: Path, train: Dataset, e, steps: int, seed: int, out_dir
                       task_type="CAUSAL_LM", bias="none")
     tmp = Path(str(out_dir) + ".partial")
     key = run_key(base_dir, train, e, steps, seed, resolved_params, save_steps)
+    done = finished_run(out_dir, key)
+    if done is not None:
+        _say(f"{out_dir}: already trained from the same inputs ({RUN_KEY}); kept")
+        return done
     # Under `accelerate launch` with several processes every process runs this function; the
     # trainer shards the batches and saves checkpoints from the right process itself, and the
     # files written here are written by the main process alone, between barriers. Every
@@ -366,7 +384,7 @@ def train_lora(base_dir: Path, train: Dataset, e, steps: int, seed: int, out_dir
             "resumed_from_step": int(checkpoint.name.split("-", 1)[1]) if checkpoint else None,
         }
         if state.is_main_process:
-            (tmp / RESUME_KEY).unlink(missing_ok=True)
+            (tmp / RESUME_KEY).rename(tmp / RUN_KEY)
             publish_run(tmp, out_dir, trainer.model, hist, info, resolved_params)
         state.wait_for_everyone()
     except BaseException:

@@ -1,5 +1,7 @@
 """Stage 03 training step: one LoRA expert per skill, or the joint multi-skill LoRA.
 
+    python -m lib.experts.train adapters                    -> models/experts/<skill>/ (every skill),
+                                                               models/joint/{same_steps,total_steps}/, models/general/
     python -m lib.experts.train <skill>                     -> models/experts/<skill>/
     python -m lib.experts.train joint --budget same_steps   -> models/joint/same_steps/
     python -m lib.experts.train joint --budget total_steps  -> models/joint/total_steps/
@@ -10,8 +12,8 @@
 recipe as an expert): the "general knowledge" adapter GenKnowSub subtracts in stage 04.
 
 The joint baseline trains on the union of all training skills under two budgets: the
-steps of one expert (``experts.steps``), and the steps of all experts together
-(``experts.steps`` × the number of training skills), so "experts + merge" is compared with
+steps of one expert (``experts.steps``; the mean cap when ``experts.step_factor`` gives a skill
+more), and the steps of all experts together (the sum of their caps), so "experts + merge" is compared with
 "one model on everything" at equal and at equal-total compute. Both are the experts' step
 *cap*: with early stopping (``experts.stop_loss``, which the joint runs follow too) an expert
 may run fewer, so the joint LoRA gets at least the experts' compute, never less (the
@@ -22,6 +24,14 @@ with the experts instead of waiting for their step counts.
 LoRA's training rows (that share of the rows), so an update binds a skill to its instruction
 without rewriting what the base does elsewhere (issue 15's testbed).
 
+``adapters`` is DVC's stage of the same name: every expert, both joint LoRAs and the general LoRA with
+``experts.seed``, ``replicates.workers`` processes side by side with one torch thread each, so
+the adapters are the same as one at a time (each is one thread either way) in about half the
+wall time on two cores. An adapter already in place that was made from the same inputs (its
+``run_key.json``: params, data, base weights, library versions) is kept, which is how a killed
+stage resumes (DVC keeps the stage's outputs: ``persist``); adapters of skills no longer in
+``skills.train`` are removed.
+
 ``replicate --seed K`` retrains the whole recipe with seed K (every expert and the joint LoRA
 at the total steps, ``replicates.workers`` at a time): the seed replicates stage 04 scores so
 that the claims' intervals are over seeds (``replicates.seeds``).
@@ -29,6 +39,7 @@ that the claims' intervals are over seeds (``replicates.seeds``).
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import zlib
 from pathlib import Path
@@ -63,39 +74,62 @@ def with_replay(train, root: Path, share: float, seed: int, name: str, corpus: P
     return concatenate_datasets([train.select_columns(["prompt", "answer"]), replay]).shuffle(seed=seed + salt)
 
 
-def joint_budget(budget: str, n_skills: int, e) -> int:
-    """same_steps: one expert's step cap; total_steps: the caps of all ``n_skills`` experts."""
-    return e.steps if budget == "same_steps" else e.steps * n_skills
+def expert_steps(e, skill: str) -> int:
+    """A skill's expert's step cap: ``experts.steps`` times its ``experts.step_factor`` (default 1)."""
+    return max(1, round(e.steps * e.step_factor.get(skill, 1.0)))
+
+
+def joint_budget(budget: str, skills: list[str], e) -> int:
+    """same_steps: one expert's step cap (their mean); total_steps: the caps of all ``skills``' experts."""
+    total = sum(expert_steps(e, s) for s in skills)
+    return round(total / len(skills)) if budget == "same_steps" else total
 
 
 def train_one(job: dict, progress: bool = False) -> dict:
     """One adapter from plain arguments (a worker's entry point): ``job`` names the project
-    ``root``, the ``experts`` recipe (a dict), ``name`` (a training skill or ``joint``), the
+    ``root``, the ``experts`` recipe (a dict), ``name`` (a training skill, ``joint`` or ``general``), the
     ``skills`` a joint LoRA trains on, ``seed``, ``steps``, the ``base`` and its ``corpus``
     (for replay) and the ``out`` directory."""
     one_cpu_thread()
     root, e = Path(job["root"]), config.ExpertsParams.model_validate(job["experts"])
-    if job["name"] == "joint":
-        train = joint_train_set(job["skills"], root, job["seed"])
+    if job["name"] == "general":  # plain language modelling on the corpus itself: nothing to replay
+        train = data.load(Path(job["corpus"]), ("train",))["train"]
     else:
-        train = data.load(root / "datasets" / "skills" / job["name"], ("train",), verify_answers=True)["train"]
-    train = with_replay(train, root, e.replay, job["seed"], job["name"], Path(job["corpus"]))
+        train = (joint_train_set(job["skills"], root, job["seed"]) if job["name"] == "joint" else
+                 data.load(root / "datasets" / "skills" / job["name"], ("train",), verify_answers=True)["train"])
+        train = with_replay(train, root, e.replay, job["seed"], job["name"], Path(job["corpus"]))
     resolved = {"experts": job["experts"], "name": job["name"], "seed": job["seed"], "steps": job["steps"],
-                **({"budget": "total_steps", "skills": job["skills"]} if job["name"] == "joint" else {})}
+                **({"budget": job["budget"], "skills": job["skills"]} if job["name"] == "joint" else {})}
     return train_lora(Path(job["base"]), train, e, job["steps"], job["seed"], Path(job["out"]), progress, resolved)
 
 
+def remove_stale(folder: Path, keep: list[str]) -> None:
+    """Delete the adapters under ``folder`` that are not in ``keep`` (and their partial runs):
+    a stage whose outputs DVC keeps between runs must not leave a dropped skill's expert behind."""
+    if folder.is_dir():
+        for d in folder.iterdir():
+            if d.is_dir() and d.name.removesuffix(".partial") not in keep:
+                shutil.rmtree(d)
+
+
 def train_set(root: Path, skills: list[str], e, seed: int, base: Path, corpus: Path, out: Path,
-              workers: int = 1, progress: bool = True) -> dict:
-    """Every expert (out/experts/<skill>) and the joint LoRA at the total steps
-    (out/joint/total_steps) on ``base``, all with ``seed``, in ``workers`` processes with one
-    torch thread each (so the adapters are the same for any number of workers); the joint run,
-    the longest, is handed out first. Returns each adapter's steps run."""
+              workers: int = 1, progress: bool = True, budgets: tuple[str, ...] = ("total_steps",),
+              general: bool = False) -> dict:
+    """Every expert (out/experts/<skill>), the joint LoRA at each of ``budgets``
+    (out/joint/<budget>) and, with ``general``, the general LoRA (out/general) on ``base``, all
+    with ``seed``, in ``workers`` processes with one
+    torch thread each (so the adapters are the same for any number of workers); the joint
+    runs, the longest, are handed out first. Returns each adapter's steps run."""
     common = {"root": str(root.resolve()), "experts": e.model_dump(mode="json"), "seed": seed, "skills": list(skills),
               "base": str(base.resolve()), "corpus": str(corpus.resolve())}
-    jobs = [{**common, "name": "joint", "steps": joint_budget("total_steps", len(skills), e),
-             "out": str(out / "joint" / "total_steps")}]
-    jobs += [{**common, "name": s, "steps": e.steps, "out": str(out / "experts" / s)} for s in skills]
+    remove_stale(out / "experts", list(skills))
+    remove_stale(out / "joint", list(budgets))
+    jobs = [{**common, "name": "joint", "budget": b, "steps": joint_budget(b, skills, e),
+             "out": str(out / "joint" / b)} for b in sorted(budgets, key=lambda b: -joint_budget(b, skills, e))]
+    jobs += sorted(({**common, "name": s, "steps": expert_steps(e, s), "out": str(out / "experts" / s)} for s in skills),
+                   key=lambda j: -j["steps"])  # longest first: the two workers finish closer together
+    if general:
+        jobs.append({**common, "name": "general", "steps": e.steps, "out": str(out / "general")})
     if workers <= 1:
         infos = [train_one(j, progress) for j in jobs]
     else:
@@ -104,7 +138,7 @@ def train_set(root: Path, skills: list[str], e, seed: int, base: Path, corpus: P
 
         with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=mp.get_context("spawn")) as pool:
             infos = [f.result() for f in [pool.submit(train_one, j) for j in jobs]]
-    return {("joint_total_steps" if j["name"] == "joint" else j["name"]): i.get("steps_run") for j, i in zip(jobs, infos)}
+    return {(f"joint_{j['budget']}" if j["name"] == "joint" else j["name"]): i.get("steps_run") for j, i in zip(jobs, infos)}
 
 
 def replicate(seed: int, root: Path, skills, e, workers: int = 1, progress: bool = True) -> dict:
@@ -118,6 +152,11 @@ def run(name: str, budget: str | None = None, root: str | Path = ".", params: st
     one_cpu_thread()  # every adapter trains on one thread (faster here, and the same on any core count)
     root = Path(root)
     check_local(root / "models" / "base")  # before reading any data: the usual first mistake
+    if name == "adapters":
+        cfg = config.load(["skills", "experts", "replicates"], root / params, profile)
+        e = cfg["experts"]
+        return train_set(root, cfg["skills"].train, e, e.seed, root / "models" / "base", root / "datasets" / "corpus",
+                         root / "models", cfg["replicates"].workers, progress, budgets=BUDGETS, general=True)
     if name == "replicate":
         cfg = config.load(["skills", "experts", "replicates"], root / params, profile)
         if seed not in cfg["replicates"].seeds:
@@ -126,32 +165,28 @@ def run(name: str, budget: str | None = None, root: str | Path = ".", params: st
         return replicate(seed, root, cfg["skills"], cfg["experts"], cfg["replicates"].workers, progress)
     cfg = config.load(["skills", "experts"], root / params, profile)
     skills, e = cfg["skills"], cfg["experts"]
-    resolved = {"experts": e.model_dump(mode="json"), "name": name}
+    # One expert, joint or general LoRA: the same job (and so the same adapter and run key) as
+    # the `adapters` stage trains.
+    job = {"root": str(root.resolve()), "experts": e.model_dump(mode="json"), "seed": e.seed, "skills": list(skills.train),
+           "base": str((root / "models" / "base").resolve()), "corpus": str((root / "datasets" / "corpus").resolve())}
     if name == "joint":
         if budget not in BUDGETS:
             raise config.ParamsError(f"joint needs --budget, one of {', '.join(BUDGETS)}; got {budget!r}")
-        train = with_replay(joint_train_set(skills.train, root, e.seed), root, e.replay, e.seed, "joint")
-        steps = joint_budget(budget, len(skills.train), e)
-        out = root / "models" / "joint" / budget
-        resolved.update(budget=budget, skills=skills.train)
+        job.update(name="joint", budget=budget, steps=joint_budget(budget, skills.train, e),
+                   out=str(root / "models" / "joint" / budget))
     elif name == "general":
-        train = data.load(root / "datasets" / "corpus", ("train",))["train"]
-        steps = e.steps
-        out = root / "models" / "general"
+        job.update(name="general", steps=e.steps, out=str(root / "models" / "general"))
+    elif name in skills.train:
+        job.update(name=name, steps=expert_steps(e, name), out=str(root / "models" / "experts" / name))
     else:
-        if name not in skills.train:
-            raise config.ParamsError(f"{name!r} is not a training skill, 'joint' or 'general'; skills.train is {skills.train}")
-        train = with_replay(data.load(root / "datasets" / "skills" / name, ("train",), verify_answers=True)["train"],
-                            root, e.replay, e.seed, name)
-        steps = e.steps
-        out = root / "models" / "experts" / name
-    resolved["steps"] = steps
-    return train_lora(root / "models" / "base", train, e, steps, e.seed, out, progress, resolved)
+        raise config.ParamsError(f"{name!r} is not a training skill, 'adapters', 'joint', 'general' or 'replicate'; "
+                                 f"skills.train is {skills.train}")
+    return train_one(job, progress)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("name", help="a training skill, 'joint', 'general' or 'replicate'")
+    ap.add_argument("name", help="'adapters' (every expert and joint LoRA), a training skill, 'joint', 'general' or 'replicate'")
     ap.add_argument("--budget", choices=BUDGETS)
     ap.add_argument("--seed", type=int, default=None, help="replicate: one of replicates.seeds")
     ap.add_argument("--params", default="params.yaml")

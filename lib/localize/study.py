@@ -184,7 +184,7 @@ def _lora_deltas(root: Path, base, skills: Sequence[str], pre: Mapping[str, torc
     dirs = {s: root / "models" / "experts" / s for s in skills}
     for s, d in dirs.items():
         if not (d / "adapter_config.json").exists():
-            raise LocalizeError(f"{d}: no LoRA expert for {s!r}; run `dvc repro expert@{s}`")
+            raise LocalizeError(f"{d}: no LoRA expert for {s!r}; run `dvc repro adapters`")
         if experts is not None:  # as stages 03-05: run by hand, a stale expert would be localized silently
             check_recipe(d, experts)
     tvs = task_vectors(base, dirs)

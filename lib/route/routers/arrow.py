@@ -25,5 +25,5 @@ def arrow(stage):
 @ROUTERS.register("arrow_gks", paper="GenKnowSub (Belanec et al., ACL 2025 short): Arrow after subtracting a general LoRA",
                   url="https://aclanthology.org/2025.acl-short.54/")
 def arrow_gks(stage):
-    # The general LoRA (stage "general", trained on the base corpus) is subtracted from every expert.
+    # The general LoRA (models/general, stage "adapters", trained on the base corpus) is subtracted from every expert.
     yield from _arrow(stage, "arrow_gks", {"general": "models/general"})
