@@ -139,7 +139,6 @@ def ours(base_dir: Path, rows, e, steps: int, seed: int, scratch: Path, save_ste
 
 def flops_per_token(base_dir: Path, rows, e) -> float:
     """Forward + backward FLOPs of one LoRA training step per (padded) token, counted by torch."""
-    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     model, tok = _peft_model(base_dir, e)

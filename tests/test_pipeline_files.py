@@ -79,11 +79,11 @@ def test_readme_path_filter():
 
 
 # Training steps are plain commands (no notebook): one per skill or budget, run by foreach.
-SINGLE_TRAINING_STEPS = {"adapters"}  # one stage, not one per item: every expert, joint and general LoRA
+SINGLE_TRAINING_STEPS = {"adapters", "levels"}  # one stage, not one per item (a pool inside trains them all)
 # Training steps with their own module: stage 06's full fine-tuning (lib/localize/finetune.py),
 # and the levels of issue 15 (a level's base and adapters, and their scores).
-MODULE_OF_STEP = {"finetune": "lib.localize.finetune", "level": "lib.levels.train", "level_score": "lib.levels.score"}
-TRAINING_STEPS = {"replicate", *SINGLE_TRAINING_STEPS, *MODULE_OF_STEP}
+MODULE_OF_STEP = {"finetune": "lib.localize.finetune", "levels": "lib.levels.train", "level_score": "lib.levels.score"}
+TRAINING_STEPS = {*SINGLE_TRAINING_STEPS, *MODULE_OF_STEP}
 
 
 def _notebook_stages() -> dict:

@@ -118,7 +118,7 @@ def test_a_noop_repro_runs_nothing(project):
 
 
 def test_replicate_seeds_are_trained_and_scored(project):
-    """replicate@1: every expert and the joint LoRA retrained with seed 1 (other weights than seed
+    """The adapters stage's replicate seeds: every expert and the joint LoRA retrained with seed 1 (other weights than seed
     0's), and stage 04 scored the references, merges and routers on both seeds."""
     from safetensors.torch import load_file
 
@@ -142,7 +142,7 @@ def test_replicate_seeds_are_trained_and_scored(project):
 
 
 def test_levels_are_trained_scored_and_reported(project):
-    """level@0.0: its own base (from a corpus without alias lines), experts and joint LoRA;
+    """The levels stage, level 0.0: its own base (from a corpus without alias lines), experts and joint LoRA;
     level_score@0.0 scored them; the report's table has a verdict per level."""
     p = smoke_params(project)
     for f in p["levels"]["fractions"]:

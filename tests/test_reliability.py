@@ -526,7 +526,7 @@ def test_killed_training_stage_leaves_nothing_complete_and_resumes(project, tmp_
     info = json.loads((root / "models" / "experts" / skill / "train_info.json").read_text())
     assert info["resumed_from_step"] >= 1 and info["steps_run"] == 60
     lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"][stage]
-    assert sorted(o["path"] for o in lock["outs"]) == ["models/experts", "models/general", "models/joint"]
+    assert sorted(o["path"] for o in lock["outs"]) == ["models/experts", "models/general", "models/joint", "models/replicates"]
     assert all(o["md5"] for o in lock["outs"])  # DVC took the rerun
     assert not list((root / "models").rglob("*.partial"))
     assert sorted(p.name for p in (root / "models" / "experts").iterdir()) == sorted(params["skills"]["train"])

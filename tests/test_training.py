@@ -293,6 +293,45 @@ def test_a_finished_adapter_from_the_same_inputs_is_kept_and_other_inputs_retrai
     assert json.loads((out / "train_info.json").read_text()) == other
 
 
+def test_the_adapters_stage_trains_every_seeds_set_in_one_pool_longest_first(tmp_path, monkeypatch):
+    """What `python -m lib.experts.train adapters` hands its pool: the primary seed's experts,
+    both joint budgets and the general LoRA under models/, each replicate seed's experts and
+    joint LoRA at the total steps under models/replicates/<seed>/; a dropped seed is removed."""
+    handed = {}
+
+    def fake_run_jobs(jobs, workers, progress):
+        handed.update(jobs=jobs, workers=workers)
+        return [{"steps_run": j["steps"]} for j in jobs]
+
+    monkeypatch.setattr(train_expert, "run_jobs", fake_run_jobs)
+    (tmp_path / "models" / "replicates" / "7" / "experts" / "inc").mkdir(parents=True)  # a seed no longer in params
+    e = config.make(config.ExpertsParams, steps=10, seed=0, step_factor={"dec": 2})
+    skills = config.make(config.SkillsParams, train=["inc", "dec"])
+    reps = config.make(config.ReplicatesParams, seeds=[1, 2], workers=2)
+    steps = train_expert.all_adapters(tmp_path, skills, e, reps, progress=False)
+    got = {(j["name"], j.get("budget"), j["seed"], Path(j["out"]).relative_to(tmp_path).as_posix(), j["steps"])
+           for j in handed["jobs"]}
+    want = {("joint", "same_steps", 0, "models/joint/same_steps", 15), ("joint", "total_steps", 0, "models/joint/total_steps", 30),
+            ("inc", None, 0, "models/experts/inc", 10), ("dec", None, 0, "models/experts/dec", 20),
+            ("general", None, 0, "models/general", 10)}
+    for seed in (1, 2):
+        want |= {("joint", "total_steps", seed, f"models/replicates/{seed}/joint/total_steps", 30),
+                 ("inc", None, seed, f"models/replicates/{seed}/experts/inc", 10),
+                 ("dec", None, seed, f"models/replicates/{seed}/experts/dec", 20)}
+    assert got == want and len(handed["jobs"]) == len(want) and handed["workers"] == 2
+    assert steps[0] == {"joint_same_steps": 15, "joint_total_steps": 30, "inc": 10, "dec": 20, "general": 10}
+    assert steps[1] == steps[2] == {"joint_total_steps": 30, "inc": 10, "dec": 20}
+    assert not (tmp_path / "models" / "replicates" / "7").exists()
+
+
+def test_run_jobs_hands_out_the_longest_first_and_returns_infos_in_order(monkeypatch):
+    trained = []
+    monkeypatch.setattr(train_expert, "train_one", lambda job, progress=False: trained.append(job["name"]) or {"n": job["name"]})
+    jobs = [{"name": "a", "steps": 5}, {"name": "b", "steps": 50}, {"name": "c", "steps": 20}]
+    assert train_expert.run_jobs(jobs, workers=1) == [{"n": "a"}, {"n": "b"}, {"n": "c"}]
+    assert trained == ["b", "c", "a"]
+
+
 def test_remove_stale_drops_the_adapters_of_dropped_skills_only(tmp_path):
     for name in ("inc", "inc.partial", "dec", "sort.partial"):
         (tmp_path / name).mkdir()

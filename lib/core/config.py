@@ -268,7 +268,7 @@ class ReplicatesParams(Section):
 
     seeds: list[int] = Field(min_length=1, description="expert seeds beside experts.seed (at least one: "
                              "the claims' intervals are over seeds)")
-    workers: int = Field(ge=1, description="processes training a replicate's experts side by side (one torch "
+    workers: int = Field(ge=1, description="processes training the adapters of every seed side by side (one torch "
                          "thread each; the adapters do not depend on the number)")
 
     @field_validator("seeds")
@@ -284,14 +284,14 @@ class ReplicatesParams(Section):
 class LevelsParams(Section):
     """Issue 15's axis of latent skill knowledge: the study again on bases whose corpus holds
     the training skills (under their alias names) in another share of its lines. Each level
-    (DVC stage level@<fraction>) pretrains its own base, trains every expert and the joint
+    (DVC stage levels) pretrains its own base, trains every expert and the joint
     LoRA at the total steps (experts' recipe, experts.seed), and scores the base, the experts,
     the joint LoRA and ``merges``; the main study's base is the level
     synthesize.corpus_skill_fraction."""
 
     fractions: list[float] = Field(min_length=1, description="synthesize.corpus_skill_fraction of each further base")
     merges: list[str] = Field(min_length=1, description="ΔW merges scored at every level (λ from merge_route.lam_grid)")
-    workers: int = Field(ge=1, description="processes training a level's adapters side by side (one torch thread each)")
+    workers: int = Field(ge=1, description="processes pretraining the levels' bases, then training their adapters, side by side (one torch thread each)")
 
     @field_validator("fractions")
     @classmethod

@@ -1,40 +1,45 @@
-"""Stage 03 training step: one LoRA expert per skill, or the joint multi-skill LoRA.
+"""Stage 03's training: one LoRA expert per skill, the joint multi-skill LoRA, the general
+LoRA, for the primary seed and every replicate seed.
 
     python -m lib.experts.train adapters                    -> models/experts/<skill>/ (every skill),
-                                                               models/joint/{same_steps,total_steps}/, models/general/
+                                                               models/joint/{same_steps,total_steps}/, models/general/,
+                                                               models/replicates/<seed>/{experts/<skill>,joint/total_steps}/
     python -m lib.experts.train <skill>                     -> models/experts/<skill>/
     python -m lib.experts.train joint --budget same_steps   -> models/joint/same_steps/
     python -m lib.experts.train joint --budget total_steps  -> models/joint/total_steps/
     python -m lib.experts.train general                     -> models/general/
     python -m lib.experts.train replicate --seed 1          -> models/replicates/1/{experts/<skill>,joint/total_steps}/
 
+``adapters`` is DVC's stage of the same name; the other commands train one of its adapters (or
+one replicate seed's set) by hand, with the same inputs and so the same result.
+
 ``general`` is a LoRA trained on the base's own corpus (plain language modelling, the same
 recipe as an expert): the "general knowledge" adapter GenKnowSub subtracts in stage 04.
 
-The joint baseline trains on the union of all training skills under two budgets: the
-steps of one expert (``experts.steps``; the mean cap when ``experts.step_factor`` gives a skill
-more), and the steps of all experts together (the sum of their caps), so "experts + merge" is compared with
-"one model on everything" at equal and at equal-total compute. Both are the experts' step
-*cap*: with early stopping (``experts.stop_loss``, which the joint runs follow too) an expert
-may run fewer, so the joint LoRA gets at least the experts' compute, never less (the
-conservative side for "experts + merging beat joint training"), and it can train side by side
-with the experts instead of waiting for their step counts.
+The joint baseline trains on the union of all training skills under two budgets: the steps
+of one expert (``experts.steps``; the mean cap when ``experts.step_factor`` gives a skill
+more), and the steps of all experts together (the sum of their caps), so "experts + merge" is
+compared with "one model on everything" at equal and at equal-total compute. Both are the
+experts' step *cap*: with early stopping (``experts.stop_loss``, which the joint runs follow
+too) an expert may run fewer, so the joint LoRA gets at least the experts' compute, never less
+(the conservative side for "experts + merging beat joint training"), and it can train side by
+side with the experts instead of waiting for their step counts.
 
 ``experts.replay`` mixes lines of the base's own corpus into every expert's and the joint
 LoRA's training rows (that share of the rows), so an update binds a skill to its instruction
 without rewriting what the base does elsewhere (issue 15's testbed).
 
-``adapters`` is DVC's stage of the same name: every expert, both joint LoRAs and the general LoRA with
-``experts.seed``, ``replicates.workers`` processes side by side with one torch thread each, so
-the adapters are the same as one at a time (each is one thread either way) in about half the
-wall time on two cores. An adapter already in place that was made from the same inputs (its
-``run_key.json``: params, data, base weights, library versions) is kept, which is how a killed
-stage resumes (DVC keeps the stage's outputs: ``persist``); adapters of skills no longer in
-``skills.train`` are removed.
+Seeds: the primary set uses ``experts.seed``; each of ``replicates.seeds`` retrains every
+expert and the joint LoRA at the total steps (models/replicates/<seed>), so that the claims'
+intervals in stage 04 are over seeds.
 
-``replicate --seed K`` retrains the whole recipe with seed K (every expert and the joint LoRA
-at the total steps, ``replicates.workers`` at a time): the seed replicates stage 04 scores so
-that the claims' intervals are over seeds (``replicates.seeds``).
+How it runs: every adapter of every seed is one job in a pool of ``replicates.workers``
+processes with one torch thread each, longest first, so the adapters are the same as one at a
+time (each is one thread either way) in about half the wall time on two cores. An adapter
+already in place that was made from the same inputs (its ``run_key.json``: params, data, base
+weights, library versions) is kept, which is how a killed stage resumes (DVC keeps the stage's
+outputs: ``persist``) and why a changed skill retrains only its experts and the joint LoRAs;
+adapters of skills or seeds no longer in params are removed.
 """
 from __future__ import annotations
 
@@ -112,33 +117,65 @@ def remove_stale(folder: Path, keep: list[str]) -> None:
                 shutil.rmtree(d)
 
 
-def train_set(root: Path, skills: list[str], e, seed: int, base: Path, corpus: Path, out: Path,
-              workers: int = 1, progress: bool = True, budgets: tuple[str, ...] = ("total_steps",),
-              general: bool = False) -> dict:
-    """Every expert (out/experts/<skill>), the joint LoRA at each of ``budgets``
-    (out/joint/<budget>) and, with ``general``, the general LoRA (out/general) on ``base``, all
-    with ``seed``, in ``workers`` processes with one
-    torch thread each (so the adapters are the same for any number of workers); the joint
-    runs, the longest, are handed out first. Returns each adapter's steps run."""
+def set_jobs(root: Path, skills: list[str], e, seed: int, base: Path, corpus: Path, out: Path,
+             budgets: tuple[str, ...] = ("total_steps",), general: bool = False) -> list[dict]:
+    """The jobs of one seed's set of adapters on ``base``: every expert (out/experts/<skill>), the
+    joint LoRA at each of ``budgets`` (out/joint/<budget>) and, with ``general``, the general LoRA
+    (out/general). Adapters under ``out`` that are not in the set are removed."""
     common = {"root": str(root.resolve()), "experts": e.model_dump(mode="json"), "seed": seed, "skills": list(skills),
               "base": str(base.resolve()), "corpus": str(corpus.resolve())}
     remove_stale(out / "experts", list(skills))
     remove_stale(out / "joint", list(budgets))
-    jobs = [{**common, "name": "joint", "budget": b, "steps": joint_budget(b, skills, e),
-             "out": str(out / "joint" / b)} for b in sorted(budgets, key=lambda b: -joint_budget(b, skills, e))]
-    jobs += sorted(({**common, "name": s, "steps": expert_steps(e, s), "out": str(out / "experts" / s)} for s in skills),
-                   key=lambda j: -j["steps"])  # longest first: the two workers finish closer together
+    jobs = [{**common, "name": "joint", "budget": b, "steps": joint_budget(b, skills, e), "out": str(out / "joint" / b)}
+            for b in budgets]
+    jobs += [{**common, "name": s, "steps": expert_steps(e, s), "out": str(out / "experts" / s)} for s in skills]
     if general:
         jobs.append({**common, "name": "general", "steps": e.steps, "out": str(out / "general")})
+    return jobs
+
+
+def run_jobs(jobs: list[dict], workers: int = 1, progress: bool = True) -> list[dict]:
+    """Train every job (:func:`train_one`) in ``workers`` processes with one torch thread each,
+    so the adapters are the same for any number of workers; longest first (by step cap), which
+    keeps the workers busy until close to the end. Returns each job's train info, in order."""
+    order = sorted(range(len(jobs)), key=lambda i: -jobs[i]["steps"])
     if workers <= 1:
-        infos = [train_one(j, progress) for j in jobs]
+        infos = {i: train_one(jobs[i], progress) for i in order}
     else:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=mp.get_context("spawn")) as pool:
-            infos = [f.result() for f in [pool.submit(train_one, j) for j in jobs]]
+            futures = {i: pool.submit(train_one, jobs[i]) for i in order}
+            infos = {i: f.result() for i, f in futures.items()}
+    return [infos[i] for i in range(len(jobs))]
+
+
+def steps_run(jobs: list[dict], infos: list[dict]) -> dict:
     return {(f"joint_{j['budget']}" if j["name"] == "joint" else j["name"]): i.get("steps_run") for j, i in zip(jobs, infos)}
+
+
+def train_set(root: Path, skills: list[str], e, seed: int, base: Path, corpus: Path, out: Path,
+              workers: int = 1, progress: bool = True) -> dict:
+    """One seed's experts and joint LoRA at the total steps (:func:`set_jobs`), trained by
+    :func:`run_jobs`; returns each adapter's steps run."""
+    jobs = set_jobs(root, skills, e, seed, base, corpus, out)
+    return steps_run(jobs, run_jobs(jobs, workers, progress))
+
+
+def all_adapters(root: Path, skills, e, replicates, progress: bool = True) -> dict:
+    """The ``adapters`` stage: the primary seed's set (``experts.seed``: experts, both joint
+    budgets, the general LoRA under models/) and every replicate seed's (experts and the joint
+    LoRA at the total steps under models/replicates/<seed>/), all in one pool of
+    ``replicates.workers`` processes. Returns the steps run per seed."""
+    models, corpus = root / "models", root / "datasets" / "corpus"
+    sets = {e.seed: set_jobs(root, skills.train, e, e.seed, models / "base", corpus, models, BUDGETS, general=True)}
+    remove_stale(models / "replicates", [str(s) for s in replicates.seeds])
+    for seed in replicates.seeds:
+        sets[seed] = set_jobs(root, skills.train, e, seed, models / "base", corpus, models / "replicates" / str(seed))
+    jobs = [j for js in sets.values() for j in js]
+    infos = iter(run_jobs(jobs, replicates.workers, progress))
+    return {seed: steps_run(js, [next(infos) for _ in js]) for seed, js in sets.items()}
 
 
 def replicate(seed: int, root: Path, skills, e, workers: int = 1, progress: bool = True) -> dict:
@@ -154,9 +191,7 @@ def run(name: str, budget: str | None = None, root: str | Path = ".", params: st
     check_local(root / "models" / "base")  # before reading any data: the usual first mistake
     if name == "adapters":
         cfg = config.load(["skills", "experts", "replicates"], root / params, profile)
-        e = cfg["experts"]
-        return train_set(root, cfg["skills"].train, e, e.seed, root / "models" / "base", root / "datasets" / "corpus",
-                         root / "models", cfg["replicates"].workers, progress, budgets=BUDGETS, general=True)
+        return all_adapters(root, cfg["skills"], cfg["experts"], cfg["replicates"], progress)
     if name == "replicate":
         cfg = config.load(["skills", "experts", "replicates"], root / params, profile)
         if seed not in cfg["replicates"].seeds:

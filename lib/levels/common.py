@@ -32,21 +32,23 @@ def parse_fraction(fraction: str, levels) -> float:
 
 
 
-def cli(argv: list[str] | None, doc: str, step: Callable[..., dict], show: Callable[[dict], object]) -> int:
-    """A level stage's command line: ``<fraction> [--params] [--profile] [--workdir]``; runs
-    ``step(fraction, workdir, params, profile)`` and prints ``show`` of its result, or one error line."""
+def cli(argv: list[str] | None, doc: str, step: Callable[..., dict], show: Callable[[dict], object],
+        fraction_arg: bool = True) -> int:
+    """A level stage's command line: ``[<fraction>] [--params] [--profile] [--workdir]``; runs
+    ``step([fraction,] workdir, params, profile)`` and prints ``show`` of its result, or one error line."""
     from lib.core import data
     from lib.core.modeling import ModelLoadError
     from lib.core.training import TrainingDiverged
 
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("fraction", help="one of levels.fractions, as written there")
+    if fraction_arg:
+        ap.add_argument("fraction", help="one of levels.fractions, as written there")
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--profile", default=None)
     ap.add_argument("--workdir", default=".", help="project root (where params.yaml, datasets/ and models/ are)")
     args = ap.parse_args(argv)
     try:
-        found = step(args.fraction, args.workdir, args.params, args.profile)
+        found = step(*([args.fraction] if fraction_arg else []), args.workdir, args.params, args.profile)
     except (config.ParamsError, data.DataError, ModelLoadError, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

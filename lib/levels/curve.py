@@ -1,5 +1,5 @@
 """The merge curve across levels of latent skill knowledge (issue 15), from what the stages wrote:
-``metrics/levels/<fraction>.json`` (stage level@<fraction>) and, for the main study's level
+``metrics/levels/<fraction>.json`` (stages levels and level_score@<fraction>) and, for the main study's level
 ``synthesize.corpus_skill_fraction``, its first seed in ``metrics/merge_route.json`` and
 ``metrics/base.json`` (the same single seed as the other levels).
 

@@ -1,4 +1,4 @@
-"""Stage ``level_score@<fraction>``: score a level trained by ``level@<fraction>`` (:mod:`lib.levels.train`).
+"""Stage ``level_score@<fraction>``: score a level trained by stage ``levels`` (:mod:`lib.levels.train`).
 
     python -m lib.levels.score 0.35   -> metrics/levels/0.35.json
 
@@ -48,7 +48,7 @@ def score_level(fraction: str, root: str | Path = ".", params: str = "params.yam
     f = parse_fraction(fraction, cfg["levels"])
     out = level_dir(root, fraction)
     if not (out / "level_info.json").is_file():
-        raise data.DataError(f"{out}: level not trained; run `dvc repro level@{fraction}`")
+        raise data.DataError(f"{out}: level not trained; run `dvc repro levels`")
     t0 = time.perf_counter()
     found = score(cfg, out, root)
     trained = json.loads((out / "level_info.json").read_text())

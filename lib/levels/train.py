@@ -1,14 +1,21 @@
-"""Stage ``level@<fraction>``: the study's training again on a base whose corpus holds the
-training skills' alias lines ('esrever abc = cba') in another share of its lines (issue 15's
-axis); stage ``level_score@<fraction>`` (:mod:`lib.levels.score`) scores it.
+"""Stage ``levels``: the study's training again on bases whose corpus holds the training skills'
+alias lines ('esrever abc = cba') in other shares of their lines (issue 15's axis, one level
+per entry of ``levels.fractions``); stage ``level_score@<fraction>`` (:mod:`lib.levels.score`)
+scores each.
 
-    python -m lib.levels.train 0.35   -> models/levels/0.35/{corpus, base, experts/<skill>, joint/total_steps}
+    python -m lib.levels.train   -> models/levels/<fraction>/{corpus, base, experts/<skill>, joint/total_steps}
 
 Everything but ``synthesize.corpus_skill_fraction`` is the main study's: the same corpus knobs,
 pretraining, skill datasets (datasets/skills: they do not depend on the corpus), expert recipe
 and seed (``experts``, one seed per level) and joint LoRA at the total steps. The main study's
 base is the level ``synthesize.corpus_skill_fraction``; :mod:`lib.levels.curve` puts the
 levels together.
+
+How it runs: the levels' bases are pretrained side by side (``levels.workers`` processes, one
+torch thread each, so a level's base does not depend on the number of workers), then every
+level's adapters go into one pool (:func:`lib.experts.train.run_jobs`), longest first. A level's
+folder is named by its fraction as ``str(float)`` writes it ("0.0", "0.35"), which is how DVC
+writes the list items that name the ``level_score@`` stages.
 """
 from __future__ import annotations
 
@@ -17,7 +24,7 @@ import time
 from pathlib import Path
 
 from lib.core import config, data, io
-from lib.levels.common import cli, SECTIONS, level_dir, parse_fraction
+from lib.levels.common import cli, SECTIONS, level_dir
 
 
 def build_base(cfg: dict, f: float, out: Path, progress: bool = True) -> dict:
@@ -31,29 +38,57 @@ def build_base(cfg: dict, f: float, out: Path, progress: bool = True) -> dict:
     return info
 
 
-def train(fraction: str, root: str | Path = ".", params: str = "params.yaml", profile: str | None = None,
+def level_base(job: dict) -> dict:
+    """One level's corpus and base in a process of its own (a worker's entry point): one torch thread."""
+    from lib.core.training import one_cpu_thread
+
+    one_cpu_thread()
+    cfg = config.load(SECTIONS, Path(job["params"]), job["profile"])
+    t0 = time.perf_counter()
+    info = build_base(cfg, job["fraction"], Path(job["out"]), progress=False)
+    return {**info, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def _pool_map(fn, jobs: list[dict], workers: int) -> list[dict]:
+    if workers <= 1 or len(jobs) == 1:
+        return [fn(j) for j in jobs]
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=mp.get_context("spawn")) as pool:
+        return list(pool.map(fn, jobs))
+
+
+def train(root: str | Path = ".", params: str = "params.yaml", profile: str | None = None,
           progress: bool = True) -> dict:
-    """The level's corpus and base, then every expert and the joint LoRA (``levels.workers`` at a time)."""
-    from lib.experts.train import train_set
+    """Every level's corpus and base, then every level's experts and joint LoRA; writes each
+    level's ``level_info.json`` and returns them by fraction."""
+    from lib.experts.train import run_jobs, set_jobs, steps_run
 
     root = Path(root)
     cfg = config.load(SECTIONS, root / params, profile)
-    f = parse_fraction(fraction, cfg["levels"])
-    out = level_dir(root, fraction)
+    e, workers = cfg["experts"], cfg["levels"].workers
+    fractions = {str(float(f)): float(f) for f in cfg["levels"].fractions}
     t0 = time.perf_counter()
-    base_info = build_base(cfg, f, out, progress)
+    bases = _pool_map(level_base, [{"params": str((root / params).resolve()), "profile": profile, "fraction": f,
+                                    "out": str(level_dir(root, name).resolve())} for name, f in fractions.items()], workers)
     t1 = time.perf_counter()
-    e = cfg["experts"]
-    steps = train_set(root, cfg["skills"].train, e, e.seed, out / "base", out / "corpus", out,
-                      cfg["levels"].workers, progress)
-    info = {"fraction": f, "base_final_loss": base_info.get("final_loss"), "steps_run": steps,
-            "seconds": {"base": round(t1 - t0, 1), "train": round(time.perf_counter() - t1, 1)}}
-    io.write_json(out / "level_info.json", info)
-    return info
+    sets = {name: set_jobs(root, cfg["skills"].train, e, e.seed, level_dir(root, name) / "base",
+                           level_dir(root, name) / "corpus", level_dir(root, name)) for name in fractions}
+    infos = iter(run_jobs([j for js in sets.values() for j in js], workers, progress))
+    seconds = {"bases": round(t1 - t0, 1), "adapters": round(time.perf_counter() - t1, 1)}
+    found = {}
+    for (name, f), base in zip(fractions.items(), bases):
+        js = sets[name]
+        found[name] = {"fraction": f, "base_final_loss": base.get("final_loss"), "steps_run": steps_run(js, [next(infos) for _ in js]),
+                       # The levels share one pool: the stage's wall time, and this level's base alone.
+                       "seconds": {"base": base["seconds"], "stage_bases": seconds["bases"], "stage_adapters": seconds["adapters"]}}
+        io.write_json(level_dir(root, name) / "level_info.json", found[name])
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli(argv, __doc__, train, lambda found: found)
+    return cli(argv, __doc__, train, lambda found: {k: v["steps_run"] for k, v in found.items()}, fraction_arg=False)
 
 
 if __name__ == "__main__":

@@ -84,7 +84,7 @@ def level_rows(root: str | Path, note: str = "") -> list[dict]:
             "ties_norm_acc": m["systems"].get("merge:ties", {}).get("norm_acc"),
             "best_router_norm_acc": None,
             "joint_total_norm_acc": m["systems"]["joint_total_steps"]["norm_acc"],
-            "note": note, "source": f"level@{f} of a full dvc repro (python -m lib.report.recipes record --levels)",
+            "note": note, "source": f"level {f} (stage levels) of a full dvc repro (python -m lib.report.recipes record --levels)",
         })
         rows.append(row)
     return rows
