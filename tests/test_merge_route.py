@@ -169,7 +169,7 @@ def test_recipe_row_reads_params_and_measured_metrics(tmp_path):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({
         "synthesize": {"corpus_skill_fraction": 0.3}, "model": {"hidden_size": 64, "num_layers": 2, "pretrain_steps": 10},
         "experts": {"rank": 4, "alpha": 8, "lr": 0.01, "steps": 5, "stop_loss": None, "weight_decay": 0.0,
-                    "target_modules": ["q_proj", "v_proj"], "seed": 1}}))
+                    "target_modules": ["q_proj", "v_proj"], "seed": 1, "step_factor": {"sort": 2, "inc": 1.5}}}))
     (tmp_path / "metrics" / "base.json").write_text(json.dumps({"max_skill_accuracy": 0.1}))
     (tmp_path / "metrics" / "experts.json").write_text(json.dumps({"expert_own_min": 0.9, "expert_own_median": 0.95}))
     (tmp_path / "metrics" / "merge_route.json").write_text(json.dumps({
@@ -183,6 +183,7 @@ def test_recipe_row_reads_params_and_measured_metrics(tmp_path):
     assert table.note.tolist() == ["first", "second"]
     row = table.iloc[-1]
     assert row["synthesize.corpus_skill_fraction"] == 0.3 and row["experts.target_modules"] == "q_proj,v_proj"
+    assert row["experts.step_factor"] == "inc:1.5,sort:2"  # as params.yaml was written (yaml sorts the keys)
     assert row.best_merge_norm_acc == 0.6 and row.ties_norm_acc == 0.6 and row.best_router_norm_acc == 0.97
     assert row.expert_own_min == 0.9 and row.joint_total_norm_acc == 0.99 and row.base_max == 0.1
     # --levels: one more row per level, its fraction and its own measured results

@@ -122,8 +122,9 @@ def set_jobs(root: Path, skills: list[str], e, seed: int, base: Path, corpus: Pa
     """The jobs of one seed's set of adapters on ``base``: every expert (out/experts/<skill>), the
     joint LoRA at each of ``budgets`` (out/joint/<budget>) and, with ``general``, the general LoRA
     (out/general). Adapters under ``out`` that are not in the set are removed."""
-    common = {"root": str(root.resolve()), "experts": e.model_dump(mode="json"), "seed": seed, "skills": list(skills),
-              "base": str(base.resolve()), "corpus": str(corpus.resolve())}
+    # Paths as given (the workers start in this process's directory): errors name them as the user does.
+    common = {"root": str(root), "experts": e.model_dump(mode="json"), "seed": seed, "skills": list(skills),
+              "base": str(base), "corpus": str(corpus)}
     remove_stale(out / "experts", list(skills))
     remove_stale(out / "joint", list(budgets))
     jobs = [{**common, "name": "joint", "budget": b, "steps": joint_budget(b, skills, e), "out": str(out / "joint" / b)}
@@ -202,8 +203,8 @@ def run(name: str, budget: str | None = None, root: str | Path = ".", params: st
     skills, e = cfg["skills"], cfg["experts"]
     # One expert, joint or general LoRA: the same job (and so the same adapter and run key) as
     # the `adapters` stage trains.
-    job = {"root": str(root.resolve()), "experts": e.model_dump(mode="json"), "seed": e.seed, "skills": list(skills.train),
-           "base": str((root / "models" / "base").resolve()), "corpus": str((root / "datasets" / "corpus").resolve())}
+    job = {"root": str(root), "experts": e.model_dump(mode="json"), "seed": e.seed, "skills": list(skills.train),
+           "base": str(root / "models" / "base"), "corpus": str(root / "datasets" / "corpus")}
     if name == "joint":
         if budget not in BUDGETS:
             raise config.ParamsError(f"joint needs --budget, one of {', '.join(BUDGETS)}; got {budget!r}")

@@ -25,7 +25,8 @@ RECIPES_CSV = REPO / "docs" / "mergeability_recipes.csv"
 RECIPE_KEYS = {
     "synthesize": ("corpus_skill_fraction", "alias_separator", "echo_fraction", "echo_answer"),
     "model": ("hidden_size", "num_layers", "pretrain_steps"),
-    "experts": ("rank", "alpha", "lr", "steps", "stop_loss", "weight_decay", "target_modules", "seed", "replay"),
+    "experts": ("rank", "alpha", "lr", "steps", "stop_loss", "weight_decay", "target_modules", "seed", "replay",
+                "step_factor"),
 }
 
 
@@ -37,7 +38,8 @@ def recipe_row(root: str | Path, note: str = "") -> dict:
     for section, keys in RECIPE_KEYS.items():
         for k in keys:
             v = params.get(section, {}).get(k)
-            row[f"{section}.{k}"] = ",".join(v) if isinstance(v, list) else v
+            row[f"{section}.{k}"] = (",".join(v) if isinstance(v, list) else
+                                     ",".join(f"{a}:{b:g}" for a, b in v.items()) if isinstance(v, dict) else v)
     experts = read_json(root / "metrics" / "experts.json")
     mr = read_json(root / "metrics" / "merge_route.json")
     base = read_json(root / "metrics" / "base.json")
