@@ -143,11 +143,17 @@ def repro(cwd: Path, *args: str, poll: float = 0.1, log: Path | None = None) -> 
     return out
 
 
-def _target_stages() -> set[str]:
-    """Stages whose notebook is 04_* or 07_* (merge_route, report): what a merge param should rerun."""
+def _target_stages(project: Path | None = None) -> set[str]:
+    """What a merge param should rerun: the stages whose notebook is 04_* or 07_* (merge_route,
+    report) and the levels' scoring (``level_score@<fraction>`` in the project's dvc.lock), which
+    chooses each level's λ from ``merge_route.lam_grid``. No training stage."""
     from lib.core.stages import STAGES
 
-    return {name for name, st in STAGES.items() if st.notebook[:3] in ("04_", "07_")}
+    target = {name for name, st in STAGES.items() if st.notebook[:3] in ("04_", "07_")}
+    lock = project / "dvc.lock" if project is not None else None
+    if lock is not None and lock.is_file():
+        target |= {n for n in (yaml.safe_load(lock.read_text()) or {}).get("stages", {}) if n.startswith("level_score@")}
+    return target
 
 
 def run(quick: bool = False, root: Path = common.REPO, keep: bool = False, noop_repeats: int = 3) -> dict:
@@ -188,7 +194,7 @@ def run(quick: bool = False, root: Path = common.REPO, keep: bool = False, noop_
 
         status_changed = sorted(json.loads(dvc(project, "status", "--json")))
         rerun = repro(project, log=log)
-        expected = _target_stages()
+        expected = _target_stages(project)
     finally:
         if keep:
             print(f"pipeline: kept {scratch}", file=sys.stderr)
