@@ -121,12 +121,10 @@ def set_jobs(root: Path, skills: list[str], e, seed: int, base: Path, corpus: Pa
              budgets: tuple[str, ...] = ("total_steps",), general: bool = False) -> list[dict]:
     """The jobs of one seed's set of adapters on ``base``: every expert (out/experts/<skill>), the
     joint LoRA at each of ``budgets`` (out/joint/<budget>) and, with ``general``, the general LoRA
-    (out/general). Adapters under ``out`` that are not in the set are removed."""
+    (out/general)."""
     # Paths as given (the workers start in this process's directory): errors name them as the user does.
     common = {"root": str(root), "experts": e.model_dump(mode="json"), "seed": seed, "skills": list(skills),
               "base": str(base), "corpus": str(corpus)}
-    remove_stale(out / "experts", list(skills))
-    remove_stale(out / "joint", list(budgets))
     jobs = [{**common, "name": "joint", "budget": b, "steps": joint_budget(b, skills, e), "out": str(out / "joint" / b)}
             for b in budgets]
     jobs += [{**common, "name": s, "steps": expert_steps(e, s), "out": str(out / "experts" / s)} for s in skills]
@@ -135,20 +133,28 @@ def set_jobs(root: Path, skills: list[str], e, seed: int, base: Path, corpus: Pa
     return jobs
 
 
+def pool_map(fn, items: list, workers: int = 1) -> list:
+    """``[fn(x) for x in items]``, in ``workers`` spawned processes when more than one (each
+    worker sets its own torch threads); results in the order of ``items``."""
+    if workers <= 1 or len(items) <= 1:
+        return [fn(x) for x in items]
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=min(workers, len(items)), mp_context=mp.get_context("spawn")) as pool:
+        return list(pool.map(fn, items))
+
+
 def run_jobs(jobs: list[dict], workers: int = 1, progress: bool = True) -> list[dict]:
     """Train every job (:func:`train_one`) in ``workers`` processes with one torch thread each,
     so the adapters are the same for any number of workers; longest first (by step cap), which
     keeps the workers busy until close to the end. Returns each job's train info, in order."""
     order = sorted(range(len(jobs)), key=lambda i: -jobs[i]["steps"])
-    if workers <= 1:
-        infos = {i: train_one(jobs[i], progress) for i in order}
+    if workers <= 1:  # in this process: progress bars, and a launcher's processes share each adapter
+        done = [train_one(jobs[i], progress) for i in order]
     else:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=mp.get_context("spawn")) as pool:
-            futures = {i: pool.submit(train_one, jobs[i]) for i in order}
-            infos = {i: f.result() for i, f in futures.items()}
+        done = pool_map(train_one, [jobs[i] for i in order], workers)
+    infos = dict(zip(order, done))
     return [infos[i] for i in range(len(jobs))]
 
 
@@ -156,33 +162,42 @@ def steps_run(jobs: list[dict], infos: list[dict]) -> dict:
     return {(f"joint_{j['budget']}" if j["name"] == "joint" else j["name"]): i.get("steps_run") for j, i in zip(jobs, infos)}
 
 
-def train_set(root: Path, skills: list[str], e, seed: int, base: Path, corpus: Path, out: Path,
-              workers: int = 1, progress: bool = True) -> dict:
-    """One seed's experts and joint LoRA at the total steps (:func:`set_jobs`), trained by
-    :func:`run_jobs`; returns each adapter's steps run."""
-    jobs = set_jobs(root, skills, e, seed, base, corpus, out)
-    return steps_run(jobs, run_jobs(jobs, workers, progress))
+def _replicate_jobs(root: Path, skills: list[str], e, seed: int) -> list[dict]:
+    """Replicate ``seed``'s set (experts and the joint LoRA at the total steps) under
+    models/replicates/<seed>/, its adapters of dropped skills removed."""
+    out = root / "models" / "replicates" / str(seed)
+    remove_stale(out / "experts", skills)
+    remove_stale(out / "joint", ["total_steps"])
+    return set_jobs(root, skills, e, seed, root / "models" / "base", root / "datasets" / "corpus", out)
+
+
+def _primary_jobs(root: Path, skills: list[str], e) -> list[dict]:
+    """The primary seed's set (``experts.seed``): experts, both joint budgets, the general LoRA."""
+    models = root / "models"
+    return set_jobs(root, skills, e, e.seed, models / "base", root / "datasets" / "corpus", models, BUDGETS, general=True)
 
 
 def all_adapters(root: Path, skills, e, replicates, progress: bool = True) -> dict:
     """The ``adapters`` stage: the primary seed's set (``experts.seed``: experts, both joint
     budgets, the general LoRA under models/) and every replicate seed's (experts and the joint
     LoRA at the total steps under models/replicates/<seed>/), all in one pool of
-    ``replicates.workers`` processes. Returns the steps run per seed."""
-    models, corpus = root / "models", root / "datasets" / "corpus"
-    sets = {e.seed: set_jobs(root, skills.train, e, e.seed, models / "base", corpus, models, BUDGETS, general=True)}
+    ``replicates.workers`` processes; adapters of dropped skills or seeds are removed. Returns
+    the steps run per seed."""
+    models = root / "models"
+    remove_stale(models / "experts", skills.train)
+    remove_stale(models / "joint", list(BUDGETS))
     remove_stale(models / "replicates", [str(s) for s in replicates.seeds])
-    for seed in replicates.seeds:
-        sets[seed] = set_jobs(root, skills.train, e, seed, models / "base", corpus, models / "replicates" / str(seed))
-    jobs = [j for js in sets.values() for j in js]
-    infos = iter(run_jobs(jobs, replicates.workers, progress))
+    sets = {e.seed: _primary_jobs(root, skills.train, e)}
+    sets.update({seed: _replicate_jobs(root, skills.train, e, seed) for seed in replicates.seeds})
+    infos = iter(run_jobs([j for js in sets.values() for j in js], replicates.workers, progress))
     return {seed: steps_run(js, [next(infos) for _ in js]) for seed, js in sets.items()}
 
 
 def replicate(seed: int, root: Path, skills, e, workers: int = 1, progress: bool = True) -> dict:
-    """The whole expert recipe with ``seed`` under models/replicates/<seed>/ (:func:`train_set`)."""
-    return train_set(root, skills.train, e, seed, root / "models" / "base", root / "datasets" / "corpus",
-                     root / "models" / "replicates" / str(seed), workers, progress)
+    """The whole expert recipe with ``seed`` under models/replicates/<seed>/ (one seed of the
+    ``adapters`` stage, by hand)."""
+    jobs = _replicate_jobs(root, skills.train, e, seed)
+    return steps_run(jobs, run_jobs(jobs, workers, progress))
 
 
 def run(name: str, budget: str | None = None, root: str | Path = ".", params: str = "params.yaml",
@@ -201,22 +216,15 @@ def run(name: str, budget: str | None = None, root: str | Path = ".", params: st
         return replicate(seed, root, cfg["skills"], cfg["experts"], cfg["replicates"].workers, progress)
     cfg = config.load(["skills", "experts"], root / params, profile)
     skills, e = cfg["skills"], cfg["experts"]
-    # One expert, joint or general LoRA: the same job (and so the same adapter and run key) as
-    # the `adapters` stage trains.
-    job = {"root": str(root), "experts": e.model_dump(mode="json"), "seed": e.seed, "skills": list(skills.train),
-           "base": str(root / "models" / "base"), "corpus": str(root / "datasets" / "corpus")}
-    if name == "joint":
-        if budget not in BUDGETS:
-            raise config.ParamsError(f"joint needs --budget, one of {', '.join(BUDGETS)}; got {budget!r}")
-        job.update(name="joint", budget=budget, steps=joint_budget(budget, skills.train, e),
-                   out=str(root / "models" / "joint" / budget))
-    elif name == "general":
-        job.update(name="general", steps=e.steps, out=str(root / "models" / "general"))
-    elif name in skills.train:
-        job.update(name=name, steps=expert_steps(e, name), out=str(root / "models" / "experts" / name))
-    else:
+    # One expert, joint or general LoRA: its job in the `adapters` stage's primary set (and so
+    # the same adapter and run key).
+    if name == "joint" and budget not in BUDGETS:
+        raise config.ParamsError(f"joint needs --budget, one of {', '.join(BUDGETS)}; got {budget!r}")
+    found = [j for j in _primary_jobs(root, skills.train, e) if j["name"] == name and j.get("budget") in (None, budget)]
+    if not found:
         raise config.ParamsError(f"{name!r} is not a training skill, 'adapters', 'joint', 'general' or 'replicate'; "
                                  f"skills.train is {skills.train}")
+    job = found[0]
     return train_one(job, progress)
 
 

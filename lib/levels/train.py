@@ -49,28 +49,18 @@ def level_base(job: dict) -> dict:
     return {**info, "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def _pool_map(fn, jobs: list[dict], workers: int) -> list[dict]:
-    if workers <= 1 or len(jobs) == 1:
-        return [fn(j) for j in jobs]
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-
-    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=mp.get_context("spawn")) as pool:
-        return list(pool.map(fn, jobs))
-
-
 def train(root: str | Path = ".", params: str = "params.yaml", profile: str | None = None,
           progress: bool = True) -> dict:
     """Every level's corpus and base, then every level's experts and joint LoRA; writes each
     level's ``level_info.json`` and returns them by fraction."""
-    from lib.experts.train import run_jobs, set_jobs, steps_run
+    from lib.experts.train import pool_map, run_jobs, set_jobs, steps_run
 
     root = Path(root)
     cfg = config.load(SECTIONS, root / params, profile)
     e, workers = cfg["experts"], cfg["levels"].workers
     fractions = {str(float(f)): float(f) for f in cfg["levels"].fractions}
     t0 = time.perf_counter()
-    bases = _pool_map(level_base, [{"params": str((root / params).resolve()), "profile": profile, "fraction": f,
+    bases = pool_map(level_base, [{"params": str((root / params).resolve()), "profile": profile, "fraction": f,
                                     "out": str(level_dir(root, name).resolve())} for name, f in fractions.items()], workers)
     t1 = time.perf_counter()
     sets = {name: set_jobs(root, cfg["skills"].train, e, e.seed, level_dir(root, name) / "base",
