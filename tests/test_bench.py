@@ -220,3 +220,18 @@ def test_a_merge_param_is_expected_to_rerun_stages_04_07_and_the_levels_scoring_
     (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages:\n  adapters: {}\n  levels: {}\n  level_score@0.0: {}\n"
                                        "  level_score@0.35: {}\n  merge_route: {}\n")
     assert _target_stages(tmp_path) == {"merge_route", "report", "level_score@0.0", "level_score@0.35"}
+
+
+def test_probe_classes_each_outcome():
+    """bench.probe's verdicts: good only for a one-line, named, early stop; each way to fall short."""
+    from bench.probe import classify
+
+    assert classify(2, "error: params.yaml: experts.rank: bad value 0\n", ["experts.rank"], set(), set())[0] == "good"
+    progress = "Executing:   5%|▍ | 1/22\n[IPKernelApp] WARNING | Kernel is running over TCP\n"
+    assert classify(2, progress + "error: experts.rank\n", ["experts.rank"], set(), set())[0] == "good"
+    assert classify(1, "Traceback (most recent call last):\n  ...\nValueError: experts.rank\n", ["experts.rank"], set(), set()) == (
+        "partial", "traceback, 3 lines")
+    assert classify(2, "error: experts.rank bad\n", ["experts.rank"], set(), {"datasets/x"}) == ("partial", "work done first")
+    assert classify(2, "error: something else\n", ["experts.rank"], set(), set())[0] == "bad"
+    assert classify(0, "", ["experts.rank"], set(), set()) == ("bad", "exit 0")
+    assert classify(None, "", ["experts.rank"], set(), set())[0] == "bad"

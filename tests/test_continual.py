@@ -425,11 +425,12 @@ def test_results_do_not_depend_on_the_number_of_workers(tiny_project):
     root, skills = tiny_project
     e = make_params(config.ExpertsParams, rank=2, alpha=4, target_modules=["q_proj", "v_proj"], batch_size=4, lr=1e-2)
     ev = make_params(config.EvalParams, batch_size=64, n_boot=100)
-    kw = dict(tasks=["inc", "maxdigit"], strategies=["replay"], orders=["given"], seeds=[0, 1],
-              steps_per_task=4, eval_every=2, eval_n=4, replay={"fraction": 0.5, "buffer": 5})
+    # Two orders: with workers, each (seed, order) is its own job, gathered back in order.
+    kw = dict(tasks=["inc", "maxdigit"], strategies=["replay", "sequential_lora"], orders=["given", "alternating"],
+              seeds=[0, 1], steps_per_task=4, eval_every=2, eval_n=4, replay={"fraction": 0.5, "buffer": 5})
     one = C.run_study(root, skills, e, ev, make_params(config.ContinualParams, **kw, workers=1), progress=False)
     two = C.run_study(root, skills, e, ev, make_params(config.ContinualParams, **kw, workers=2), progress=False)
-    assert [(r.strategy, r.seed) for r in one] == [(r.strategy, r.seed) for r in two]
+    assert [(r.seed, r.strategy, r.order) for r in one] == [(r.seed, r.strategy, r.order) for r in two]
     for a, b in zip(one, two):
         np.testing.assert_array_equal(a.R, b.R)
         pd.testing.assert_frame_equal(a.curve, b.curve)

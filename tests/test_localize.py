@@ -286,7 +286,7 @@ def test_correlation_spearman_and_family_overlap():
 
 def test_missing_updates_are_clear_errors(tmp_path, tiny):
     model, _, _, pre, *_ = tiny
-    with pytest.raises(LZ.LocalizeError, match=r"no fine-tuned model for 'inc'; run `dvc repro finetune@inc`"):
+    with pytest.raises(LZ.LocalizeError, match=r"no fine-tuned model for 'inc'; run `dvc repro finetune`"):
         LZ.load_deltas(tmp_path, model, "full_ft", ["inc"], pre)
     with pytest.raises(LZ.LocalizeError, match=r"no LoRA expert for 'inc'; run `dvc repro adapters`"):
         LZ.load_deltas(tmp_path, model, "lora", ["inc"], pre)
@@ -559,3 +559,88 @@ def test_smoke_pipeline_wrote_localize_outputs(project):
         info = json.loads((project / "models" / "finetuned" / s / "train_info.json").read_text())
         changed = {n for n in ft if not torch.equal(ft[n], base[n])}
         assert changed <= set(info["considered"]) and changed, s
+
+
+# ---- stage `finetune`: every skill in one pool, kept when its inputs did not change ----------
+
+def _finetune_project(root, workers: int):
+    """A project root with a tiny base, two skills' data and params asking 3 fine-tuning steps."""
+    import yaml
+
+    from conftest import make_workdir
+    from lib.core import data
+    from lib.synth import datasets as synth
+
+    make_workdir(root)
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    raw["skills"]["train"], raw["skills"]["heldout"] = ["inc", "maxdigit"], []
+    raw["experts"]["target_modules"] = ["q_proj", "v_proj"]
+    raw["localize"]["skills"] = None
+    raw["localize"]["finetune"].update(steps=3, batch_size=4)
+    raw["localize"]["workers"] = workers
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    cfg = config.load(["skills", "synthesize"], root / "params.yaml")
+    syn = cfg["synthesize"].model_copy(update={"n_train": 12, "n_val": 2, "n_test": 2})
+    for s in raw["skills"]["train"]:
+        data.save(synth.skill_splits(s, cfg["skills"], syn), root / "datasets" / "skills" / s)
+    tok = build_char_tokenizer()
+    model = peaked_tiny_llama(tok)
+    model.save_pretrained(root / "models" / "base")
+    tok.save_pretrained(root / "models" / "base")
+    return root
+
+
+def _weights(root, skill):
+    from safetensors.torch import load_file
+
+    return load_file(root / "models" / "finetuned" / skill / "model.safetensors")
+
+
+def test_finetune_stage_pools_the_skills_and_keeps_unchanged_models(tmp_path, capfd):  # capfd: workers write to fd 2
+    from lib.localize import finetune
+
+    two = _finetune_project(tmp_path / "two", workers=2)
+    one = _finetune_project(tmp_path / "one", workers=1)
+    assert finetune.main(["--workdir", str(two)]) == 0
+    assert finetune.main(["--workdir", str(one)]) == 0
+    for s in ("inc", "maxdigit"):  # one torch thread per process: the pool does not change a model
+        a, b = _weights(two, s), _weights(one, s)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), s
+        assert json.loads((two / "models" / "finetuned" / s / "train_info.json").read_text())["steps_run"] == 3
+    stamp = {s: (two / "models" / "finetuned" / s / "model.safetensors").stat().st_mtime_ns for s in ("inc", "maxdigit")}
+    capfd.readouterr()
+    assert finetune.main(["--workdir", str(two)]) == 0  # same inputs: both kept, nothing trained
+    assert capfd.readouterr().err.count("already trained from the same inputs") == 2
+    assert {s: (two / "models" / "finetuned" / s / "model.safetensors").stat().st_mtime_ns for s in stamp} == stamp
+
+    import yaml
+    raw = yaml.safe_load((two / "params.yaml").read_text())
+    raw["skills"]["train"] = ["inc"]                       # a dropped skill's model goes
+    raw["localize"]["finetune"]["lr"] *= 2                 # a changed recipe retrains
+    (two / "params.yaml").write_text(yaml.safe_dump(raw))
+    assert finetune.main(["--workdir", str(two)]) == 0
+    assert not (two / "models" / "finetuned" / "maxdigit").exists()
+    assert (two / "models" / "finetuned" / "inc" / "model.safetensors").stat().st_mtime_ns != stamp["inc"]
+
+
+def test_recovery_study_is_the_same_in_worker_processes(tiny):
+    """Stage 06's masks and grafts, one job per source and skill: two worker processes give the
+    caller's numbers exactly (one torch thread everywhere), in the same order."""
+    from lib.core.config import make as make_params
+
+    model, tok, names, pre, delta, ex = tiny
+    prompts = [f"rev {a}{b} =" for a in "abcd" for b in "efgh"]
+    test = pd.DataFrame({"prompt": prompts, "answer": [p[5] + p[4] for p in prompts], "skill": "rev"})
+    half = {n: d * 0.5 for n, d in delta.items()}
+    deltas = {"full_ft": {"rev": delta, "rev2": half}, "lora": {"rev": half, "rev2": delta}}
+    tests, train = {"rev": test, "rev2": test.assign(skill="rev2")}, {"rev": ex, "rev2": ex}
+    E = make_params(config.EvalParams, batch_size=64, n_boot=100)
+    out = {}
+    for w in (1, 2):
+        L = make_params(config.LocalizeParams, sparsities=[0.01, 0.1], mask_steps=2, mask_batch_size=8, workers=w)
+        out[w] = LZ.recovery_study(model, tok, pre, deltas, tests, train, L, E, progress=False)
+    (t1, m1, r1), (t2, m2, r2) = out[1], out[2]
+    pd.testing.assert_frame_equal(t1, t2)
+    assert list(m1) == list(m2) and all(torch.equal(m1[k][n], m2[k][n]) for k in m1 for n in m1[k])
+    assert list(r1) == list(r2) and len(t1) == 2 * 2 * 3 * 2  # sources × skills × kinds × sparsities
+    assert (t1.source.iloc[:12] == "full_ft").all() and set(t1.skill) == {"rev", "rev2"}

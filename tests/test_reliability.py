@@ -382,13 +382,32 @@ def test_failing_notebook_cell_fails_the_stage_with_the_cells_error(project, tmp
     answers[0] = answers[0] + "7"
     data.save(DatasetDict({**ds, "test": ds["test"].remove_columns("answer").add_column("answer", answers)}), path)
     before = (root / "metrics" / "experts.json").read_bytes()
+    capsys.readouterr()  # the save's progress bars
     rc = run_stage.main(["experts", "--workdir", str(root)])
     err = capsys.readouterr().err
-    assert rc == 1
-    assert "stage 'experts' failed in a notebook cell" in err
+    # One of the project's input errors: one line (after papermill's progress bar), the message
+    # and where the executed notebook is.
+    messages = [line for line in err.strip().splitlines() if not line.startswith("Executing:")]
+    assert rc == 2 and len(messages) == 1 and messages[0].startswith("error: ") and "Traceback" not in err, err
     # The notebook reads datasets relative to the workdir.
-    assert "DataError" in err and f"datasets/skills/{skill} [test row 0]" in err and repr(answers[0]) in err
+    assert f"datasets/skills/{skill} [test row 0]" in err and repr(answers[0]) in err
+    assert err.strip().endswith(f"(stage 'experts'; executed notebook: {root}/reports/notebooks/03_experts.ipynb)")
     assert (root / "metrics" / "experts.json").read_bytes() == before  # no new metrics from a failed run
+
+
+@pytest.mark.parametrize("ename,rc", [("DataError", 2), ("ZeroDivisionError", 1)])
+def test_a_notebook_cells_error_is_one_line_only_when_it_is_about_the_inputs(monkeypatch, capsys, ename, rc):
+    """A bug (any other exception) keeps the cell's whole traceback: it is there to be read."""
+    from papermill.exceptions import PapermillExecutionError
+
+    def fail(*a, **k):
+        raise PapermillExecutionError(3, 1, "x = load()", ename, "what went wrong\nsecond line", ["Traceback line 1", "line 2"])
+
+    monkeypatch.setattr(run_stage, "run", fail)
+    assert run_stage.main(["experts"]) == rc
+    err = capsys.readouterr().err
+    assert ("what went wrong second line (stage 'experts'" in err and len(err.strip().splitlines()) == 1) == (rc == 2), err
+    assert ("failed in a notebook cell" in err and "Traceback line 1" in err) == (rc == 1), err
 
 
 # --------------------------------------------------------------------------- 3. interrupted work

@@ -248,9 +248,10 @@ def test_report_stage_fails_naming_a_deleted_metrics_file(project, tmp_path, cap
     shutil.copy2(project / "params.yaml", copy / "params.yaml")
     (copy / "metrics" / "continual.json").unlink()
     (copy / "metrics" / "report.json").unlink()
-    assert run_stage.main(["report", "--workdir", str(copy)]) == 1
+    assert run_stage.main(["report", "--workdir", str(copy)]) == 2  # an input error: one line, exit 2
     err = capsys.readouterr().err
-    assert "MissingInput" in err and "metrics/continual.json missing" in err, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "metrics/continual.json missing" in last and "Traceback" not in err, err[-2000:]
     assert not (copy / "metrics" / "report.json").exists()
 
 

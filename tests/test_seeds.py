@@ -64,15 +64,12 @@ def test_seed_interval_skips_seeds_without_a_reference_and_checks_lengths():
 def test_seed_table_divides_each_seed_by_its_own_experts():
     """Stage 04's table over seeds: one row per system scored on every seed; seed 1's merge at
     0.4 with experts at 0.8 is 0.5 normalised, like seed 0's 0.5 with experts at 1.0."""
-    def bench(merge_acc):
-        res = SimpleNamespace(examples=examples(merge_acc))
-        return SimpleNamespace(results={("merge:ta", "skills"): res},
-                               systems={"merge:ta": SimpleNamespace(kind="merge")})
-
-    b0, b1 = bench(0.5), bench(0.4)
-    b0.systems["router:only_seed0"] = SimpleNamespace(kind="router")  # not on every seed: left out
+    b0 = SimpleNamespace(systems={"merge:ta": SimpleNamespace(kind="merge"),
+                                  "router:only_seed0": SimpleNamespace(kind="router")})  # not on every seed: left out
+    seed0 = {("merge:ta", "skills"): examples(0.5), ("router:only_seed0", "skills"): examples(0.9)}
+    seed1 = {("merge:ta", "skills"): examples(0.4)}
     st = SimpleNamespace(bench=b0, E=SimpleNamespace(n_boot=500),
-                         found={"seeds": {0: (b0, {"a": 1.0, "b": 1.0}), 1: (b1, {"a": 0.8, "b": 0.8})}})
+                         found={"seeds": {0: (seed0, {"a": 1.0, "b": 1.0}), 1: (seed1, {"a": 0.8, "b": 0.8})}})
     table = ST.seed_table(st)
     assert list(table.system) == ["merge:ta"]
     row = table.iloc[0]

@@ -333,12 +333,14 @@ def test_run_jobs_hands_out_the_longest_first_and_returns_infos_in_order(monkeyp
 
 
 def test_remove_stale_drops_the_adapters_of_dropped_skills_only(tmp_path):
+    from lib.core.pool import remove_stale
+
     for name in ("inc", "inc.partial", "dec", "sort.partial"):
         (tmp_path / name).mkdir()
     (tmp_path / "README.txt").write_text("not an adapter")
-    train_expert.remove_stale(tmp_path, ["inc"])
+    remove_stale(tmp_path, ["inc"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["README.txt", "inc", "inc.partial"]
-    train_expert.remove_stale(tmp_path / "absent", ["inc"])  # nothing there yet: nothing to do
+    remove_stale(tmp_path / "absent", ["inc"])  # nothing there yet: nothing to do
 
 
 # --------------------------------------------------------------------------- 4. train_expert CLI

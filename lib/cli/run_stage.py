@@ -4,8 +4,11 @@
 
 The notebook receives each params section it reads as one dict parameter plus
 ``workdir`` (where inputs and outputs live), and validates them through the same schemas.
-The executed copy goes to ``reports/notebooks/``. A failing cell makes this command fail
-with that cell's error printed.
+The executed copy goes to ``reports/notebooks/``. A failing cell makes this command fail:
+with one line (the message and where the executed notebook is) when the cell raised one of
+the project's own errors about its inputs (:data:`INPUT_ERRORS`: bad params, a missing or
+corrupt dataset, model, adapter or metrics file), which say what to do; with the cell's whole
+traceback for anything else, which is a bug to read.
 """
 from __future__ import annotations
 
@@ -17,6 +20,10 @@ from lib.core import config
 from lib.core.stages import get_stage
 
 REPO = Path(__file__).resolve().parents[2]
+
+# The project's exceptions about a stage's inputs; their messages name the key or file and the fix.
+INPUT_ERRORS = frozenset({"ParamsError", "DataError", "ModelLoadError", "AdapterError", "TrainingDiverged",
+                          "LocalizeError", "MissingInput", "MissingMetric", "GraftError", "MergeError", "UnknownName"})
 
 
 def run(stage_name: str, params: str | Path = "params.yaml", profile: str | None = None,
@@ -57,10 +64,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Exception as e:
-        if type(e).__name__ == "PapermillExecutionError":
-            print(f"error: stage {args.stage!r} failed in a notebook cell:\n{e}", file=sys.stderr)
-            return 1
-        raise
+        if type(e).__name__ != "PapermillExecutionError":
+            raise
+        notebook = Path(args.workdir) / "reports" / "notebooks" / get_stage(args.stage).notebook
+        if e.ename in INPUT_ERRORS:
+            message = " ".join(str(e.evalue).split())  # one line, whatever the message's own line breaks
+            print(f"error: {message} (stage {args.stage!r}; executed notebook: {notebook})", file=sys.stderr)
+            return 2
+        print(f"error: stage {args.stage!r} failed in a notebook cell:\n{e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -341,9 +341,9 @@ class Study:
 # --------------------------------------------------------------------------- running the study
 
 
-def _run_seed(root: str, params: dict, orders: dict[str, list[str]], seed: int, queue=None) -> list[RunResult]:
-    """Every strategy on every order for one seed, in one process (task-1 trainings and rows
-    shared between strategies and orders that start alike are computed once). One item is
+def _run_job(root: str, params: dict, orders: dict[str, list[str]], seed: int, queue=None) -> list[RunResult]:
+    """Every strategy on ``orders`` for one seed, in one process (task-1 trainings and rows
+    shared between strategies, and orders, that start alike are computed once). One item is
     put on ``queue`` (or passed to it, if callable) per finished run, for the progress bar."""
     import torch
 
@@ -362,8 +362,11 @@ def _run_seed(root: str, params: dict, orders: dict[str, list[str]], seed: int, 
 
 
 def run_study(root: str | Path, skills, e, ev, c, progress: bool = True) -> list[RunResult]:
-    """Every strategy × order × seed. Seeds run in ``continual.workers`` processes (each one
-    torch thread); the results do not depend on the number of workers."""
+    """Every strategy × order × seed. In ``continual.workers`` processes (each one torch
+    thread), one job per seed and order, so 3 seeds keep 2 workers busy; in one process, one
+    job per seed. Every run's randomness comes from its seed and labels (``stable_seed``), so
+    the results do not depend on the number of workers; they are returned in the same order
+    (seed, strategy, order) either way."""
     from tqdm.auto import tqdm
 
     check_params(skills, c, root)
@@ -371,11 +374,11 @@ def run_study(root: str | Path, skills, e, ev, c, progress: bool = True) -> list
     params = {"skills": skills.model_dump(mode="json"), "experts": e.model_dump(mode="json"),
               "evaluation": ev.model_dump(mode="json"), "continual": c.model_dump(mode="json")}
     root = str(Path(root).resolve())
-    workers = min(c.workers, len(c.seeds))
+    workers = min(c.workers, len(c.seeds) * len(orders))
     bar = tqdm(total=len(c.seeds) * len(orders) * len(c.strategies), desc="continual runs", disable=not progress)
     try:
         if workers <= 1:
-            runs = [_run_seed(root, params, orders, s, lambda: bar.update(1)) for s in c.seeds]
+            runs = [r for s in c.seeds for r in _run_job(root, params, orders, s, lambda: bar.update(1))]
         else:
             import multiprocessing as mp
             import queue as queue_lib
@@ -384,17 +387,18 @@ def run_study(root: str | Path, skills, e, ev, c, progress: bool = True) -> list
             ctx = mp.get_context("spawn")
             with ctx.Manager() as manager, ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
                 q = manager.Queue()
-                futures = [pool.submit(_run_seed, root, params, orders, s, q) for s in c.seeds]
+                futures = [pool.submit(_run_job, root, params, {o: orders[o]}, s, q) for s in c.seeds for o in orders]
                 while not all(f.done() for f in futures):
                     try:
                         q.get(timeout=0.5)
                         bar.update(1)
                     except queue_lib.Empty:
                         pass
-                runs = [f.result() for f in futures]
+                runs = [r for f in futures for r in f.result()]
     finally:
         bar.close()
-    return [r for seed_runs in runs for r in seed_runs]
+    rank = {(s, name, o): i for i, (s, name, o) in enumerate((s, n, o) for s in c.seeds for n in c.strategies for o in orders)}
+    return sorted(runs, key=lambda r: rank[(r.seed, r.strategy, r.order)])
 
 
 def _cpu_seconds() -> float:

@@ -476,7 +476,7 @@ class ContinualParams(Section):
     eval_n: int = Field(ge=1, description="probe prompts per skill (first of the test split)")
     gap_window: float = Field(gt=0, le=1, description="share of a task that counts as 'just after the switch'")
     multitask_budget: Literal["cumulative", "per_task"]
-    workers: int = Field(ge=1, description="processes (one per seed at most), one torch thread each")
+    workers: int = Field(ge=1, description="processes running one job per seed and order, one torch thread each")
     replay: ReplayParams
     ewc: EWCParams
     l2: L2Params
@@ -545,6 +545,8 @@ class LocalizeParams(Section):
     eval_n: int = Field(ge=1, description="test prompts per skill for recovery and calibration (first of the split)")
     n_perm: int = Field(ge=10, description="permutations for the overlap-behaviour correlation's p-value")
     seed: int
+    workers: int = Field(ge=1, description="processes for stage 06's fine-tunings, then its masks (one skill and "
+                                           "source each), one torch thread each; results do not depend on it")
 
     @field_validator("skills")
     @classmethod

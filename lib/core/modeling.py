@@ -159,7 +159,12 @@ def _explain(name_or_path, what: str, err: Exception) -> str:
 
 
 def load_on_device(name_or_path: str | Path, trust_remote_code: bool = False):
-    """``load_causal_lm`` in the dtype ``pick_device`` chooses, moved to that device."""
+    """``load_causal_lm`` in the dtype ``pick_device`` chooses, moved to that device. Only for
+    the project's own models (``models/base``, a level's base...): a path that does not exist is
+    a stage that has not run, never a hub id (``models/base`` would look like one)."""
+    if not Path(name_or_path).expanduser().exists():
+        raise ModelLoadError(f"{name_or_path}: no such local directory (a local path, so it is not looked up on the hub); "
+                             "the stage that writes it has not run (for models/base: dvc repro base)")
     device, dtype = pick_device()
     model, tok = load_causal_lm(name_or_path, trust_remote_code, dtype=dtype)
     return model.to(device), tok

@@ -211,7 +211,8 @@ def _file_digest(path: Path, whole_below: int = 256 << 20) -> str:
 
 def run_key(base_dir: Path, train: Dataset, e, steps: int, seed: int, resolved_params: dict | None,
             save_steps: int | None = None) -> dict:
-    """Everything that decides a LoRA run's result: a checkpoint is resumed only under an equal key."""
+    """Everything that decides a training run's result: a checkpoint is resumed, or a finished run
+    kept, only under an equal key."""
     import peft
     import transformers
     import trl
@@ -258,16 +259,16 @@ def _resumable(tmp: Path, key: dict) -> tuple[Path | None, str]:
     return (ckpt, "") if ckpt else (None, "it holds no complete checkpoint")
 
 
-def finished_run(out_dir: Path, key: dict) -> dict | None:
-    """``out_dir``'s ``train_info.json`` when it holds a finished adapter made from inputs equal
-    to ``key`` (its :data:`RUN_KEY`), else None."""
+def finished_run(out_dir: Path, key: dict, weights: str = "adapter_model.*") -> dict | None:
+    """``out_dir``'s ``train_info.json`` when it holds a finished run (its ``weights`` files: an
+    adapter by default) made from inputs equal to ``key`` (its :data:`RUN_KEY`), else None."""
     try:
         if json.loads((out_dir / RUN_KEY).read_text()) != key:
             return None
         info = json.loads((out_dir / "train_info.json").read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    return info if any(out_dir.glob("adapter_model.*")) else None
+    return info if any(out_dir.glob(weights)) else None
 
 
 def publish_run(tmp: Path, out_dir: Path, model, hist: pd.DataFrame, info: dict, resolved_params: dict | None) -> None:

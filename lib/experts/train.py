@@ -44,7 +44,6 @@ adapters of skills or seeds no longer in params are removed.
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import zlib
 from pathlib import Path
@@ -53,6 +52,7 @@ from datasets import Dataset, concatenate_datasets
 
 from lib.core import config, data
 from lib.core.modeling import ModelLoadError, check_local
+from lib.core.pool import pool_map, remove_stale
 from lib.core.training import TrainingDiverged, one_cpu_thread, train_lora
 
 BUDGETS = ("same_steps", "total_steps")
@@ -108,15 +108,6 @@ def train_one(job: dict, progress: bool = False) -> dict:
     return train_lora(Path(job["base"]), train, e, job["steps"], job["seed"], Path(job["out"]), progress, resolved)
 
 
-def remove_stale(folder: Path, keep: list[str]) -> None:
-    """Delete the adapters under ``folder`` that are not in ``keep`` (and their partial runs):
-    a stage whose outputs DVC keeps between runs must not leave a dropped skill's expert behind."""
-    if folder.is_dir():
-        for d in folder.iterdir():
-            if d.is_dir() and d.name.removesuffix(".partial") not in keep:
-                shutil.rmtree(d)
-
-
 def set_jobs(root: Path, skills: list[str], e, seed: int, base: Path, corpus: Path, out: Path,
              budgets: tuple[str, ...] = ("total_steps",), general: bool = False) -> list[dict]:
     """The jobs of one seed's set of adapters on ``base``: every expert (out/experts/<skill>), the
@@ -131,18 +122,6 @@ def set_jobs(root: Path, skills: list[str], e, seed: int, base: Path, corpus: Pa
     if general:
         jobs.append({**common, "name": "general", "steps": e.steps, "out": str(out / "general")})
     return jobs
-
-
-def pool_map(fn, items: list, workers: int = 1) -> list:
-    """``[fn(x) for x in items]``, in ``workers`` spawned processes when more than one (each
-    worker sets its own torch threads); results in the order of ``items``."""
-    if workers <= 1 or len(items) <= 1:
-        return [fn(x) for x in items]
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-
-    with ProcessPoolExecutor(max_workers=min(workers, len(items)), mp_context=mp.get_context("spawn")) as pool:
-        return list(pool.map(fn, items))
 
 
 def run_jobs(jobs: list[dict], workers: int = 1, progress: bool = True) -> list[dict]:

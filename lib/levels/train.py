@@ -53,7 +53,8 @@ def train(root: str | Path = ".", params: str = "params.yaml", profile: str | No
           progress: bool = True) -> dict:
     """Every level's corpus and base, then every level's experts and joint LoRA; writes each
     level's ``level_info.json`` and returns them by fraction."""
-    from lib.experts.train import pool_map, run_jobs, set_jobs, steps_run
+    from lib.core.pool import pool_map
+    from lib.experts.train import run_jobs, set_jobs, steps_run
 
     root = Path(root)
     cfg = config.load(SECTIONS, root / params, profile)

@@ -1,6 +1,13 @@
-"""Stage 06 training step: full fine-tuning of the base on one skill (the update grafting localizes).
+"""Stage 06 training step: full fine-tuning of the base on each skill (the update grafting localizes).
 
-    python -m lib.localize.finetune <skill>     -> models/finetuned/<skill>/
+    python -m lib.localize.finetune             -> models/finetuned/<skill>/ for every skill in skills.train
+    python -m lib.localize.finetune <skill> ... -> only those
+
+The skills train side by side in ``localize.workers`` spawned processes, one torch
+thread each (so a model does not depend on the number of workers). A model already in
+place that was made from the same inputs (its ``run_key.json``: params, data, base weights,
+library versions) is kept, so the DVC stage, whose output persists between runs, retrains
+only the skills whose inputs changed; a dropped skill's model is removed.
 
 "Full" fine-tuning here means every weight of the **considered** parameters: the linear
 weights of the transformer blocks named by ``experts.target_modules`` (by default q, k, v,
@@ -18,6 +25,7 @@ loss) and the settings of ``localize.finetune``. The model is written with
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import shutil
 import sys
@@ -26,8 +34,9 @@ from pathlib import Path
 
 from lib.core import config, data
 from lib.core.modeling import ModelLoadError
-from lib.core.training import (FiniteLossGuard, LossThresholdStop, TrainingDiverged, check_finite, check_max_length, one_cpu_thread,
-                                check_target_modules, count_parameters, loss_history, publish_run, sft_rows, trainer_args)
+from lib.core.training import (RUN_KEY, FiniteLossGuard, LossThresholdStop, TrainingDiverged, check_finite, check_max_length,
+                                check_target_modules, count_parameters, finished_run, loss_history, one_cpu_thread,
+                                publish_run, run_key, sft_rows, trainer_args)
 
 
 def considered_names(model, target_modules) -> list[str]:
@@ -49,6 +58,11 @@ def train_full(base_dir: Path, train, f, target_modules, out_dir: Path, progress
     from lib.core.sft import LeanSFTTrainer
 
     model, tok = load_on_device(base_dir)
+    key = run_key(base_dir, train, f, f.steps, f.seed, resolved_params)
+    done = finished_run(out_dir, key, weights="model.safetensors")
+    if done is not None:
+        print(f"{out_dir}: already trained from the same inputs ({RUN_KEY}); kept", file=sys.stderr)
+        return done
     tok.padding_side = "right"
     names = set(considered_names(model, target_modules))
     check_max_length(tok, train, f.max_length, "localize.finetune.max_length")
@@ -77,6 +91,7 @@ def train_full(base_dir: Path, train, f, target_modules, out_dir: Path, progress
             "total_params": count_parameters(trainer.model), "considered": sorted(names),
             "final_loss": float(hist["loss"].iloc[-1]) if len(hist) else math.nan, "train_examples": len(train),
         }
+        (tmp / RUN_KEY).write_text(json.dumps(key, indent=2, sort_keys=True))
         publish_run(tmp, out_dir, trainer.model, hist, info, resolved_params)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -99,19 +114,43 @@ def run(skill: str, root: str | Path = ".", params: str = "params.yaml", profile
                       root / "models" / "finetuned" / skill, progress, resolved)
 
 
+def _run_job(job: dict) -> dict:
+    """A worker's entry point: :func:`run` without progress bars."""
+    return run(job["skill"], job["root"], job["params"], job["profile"], progress=False)
+
+
+def run_all(skills: list[str] | None = None, root: str | Path = ".", params: str = "params.yaml",
+            profile: str | None = None, progress: bool = True) -> dict[str, dict]:
+    """Fine-tune every skill in ``skills`` (default ``skills.train``, whose dropped skills'
+    models are then removed) in ``localize.workers`` processes; each skill's info."""
+    from lib.core.pool import pool_map, remove_stale
+
+    root = Path(root)
+    cfg = config.load(["skills", "localize"], root / params, profile)
+    if skills is None:
+        skills = list(cfg["skills"].train)
+        remove_stale(root / "models" / "finetuned", skills)
+    workers = cfg["localize"].workers
+    jobs = [{"skill": s, "root": str(root.resolve()), "params": params, "profile": profile} for s in skills]
+    if workers <= 1:
+        return {s: run(s, root, params, profile, progress) for s in skills}
+    return dict(zip(skills, pool_map(_run_job, jobs, workers)))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("skill", help="a training skill")
+    ap.add_argument("skills", nargs="*", help="training skills (default: every one in skills.train)")
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--profile", default=None)
     ap.add_argument("--workdir", default=".", help="project root (where params.yaml, datasets/ and models/ are)")
     args = ap.parse_args(argv)
     try:
-        info = run(args.skill, root=args.workdir, params=args.params, profile=args.profile)
+        infos = run_all(args.skills or None, root=args.workdir, params=args.params, profile=args.profile)
     except (config.ParamsError, data.DataError, ModelLoadError, TrainingDiverged) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print({k: v for k, v in info.items() if k != "considered"})
+    for skill, info in infos.items():
+        print(skill, {k: v for k, v in info.items() if k != "considered"})
     return 0
 
 

@@ -163,7 +163,7 @@ def _full_ft_delta(root: Path, skill: str, pre: Mapping[str, torch.Tensor]) -> d
 
     path = root / "models" / "finetuned" / skill / "model.safetensors"
     if not path.exists():
-        raise LocalizeError(f"{path}: no fine-tuned model for {skill!r}; run `dvc repro finetune@{skill}` "
+        raise LocalizeError(f"{path}: no fine-tuned model for {skill!r}; run `dvc repro finetune` "
                             f"(python -m lib.localize.finetune {skill})")
     problem = safetensors_problem(path)
     if problem:
@@ -172,7 +172,7 @@ def _full_ft_delta(root: Path, skill: str, pre: Mapping[str, torch.Tensor]) -> d
     missing = [n for n in pre if n not in saved]
     if missing:
         raise LocalizeError(f"{path}: lacks considered weight(s) {missing[:3]}; it was trained with other "
-                            f"experts.target_modules: rerun `dvc repro finetune@{skill}`")
+                            f"experts.target_modules: rerun `dvc repro finetune`")
     device = next(iter(pre.values())).device
     return G.delta_of(pre, {n: saved[n].to(device) for n in pre})
 
@@ -256,9 +256,46 @@ def make_masks(model, tok, pre, delta, train_examples, L, skill_index: int, prog
     return out
 
 
+def _recovery_job(job: dict) -> tuple[list[dict], dict, dict]:
+    """One source and skill of :func:`recovery_study`: the fine-tuned reference, every mask,
+    every graft scored; (rows, masks, results) keyed as there. One torch thread, so a job's
+    numbers are the same in a worker process as in the caller's."""
+    from lib.core.training import one_cpu_thread
+
+    one_cpu_thread()
+    model, tok, pre, delta, test, train_ex = (job[k] for k in ("model", "tok", "pre", "delta", "test", "train_ex"))
+    src, skill, L, E = job["src"], job["skill"], job["L"], job["E"]
+    device = next(model.parameters()).device
+    rows, masks, results = [], {}, {}
+    ft = score(model, tok, test, pre, G.graft(pre, delta, {n: torch.ones_like(d, dtype=torch.bool) for n, d in delta.items()}), E)
+    results[(src, "finetuned", 1.0, skill)] = ft
+    loss_ex = train_ex[:128]
+    for (kind, sp), (mask, info) in make_masks(model, tok, pre, delta, train_ex, L, job["skill_index"]).items():
+        weights = G.graft(pre, delta, mask)
+        res = score(model, tok, test, pre, weights, E)
+        masks[(src, kind, sp, skill)] = mask
+        results[(src, kind, sp, skill)] = res
+        rows.append({
+            "source": src, "kind": kind, "sparsity": sp, "skill": skill, "accuracy": res.accuracy,
+            "finetuned_accuracy": ft.accuracy, "recovery": res.accuracy / ft.accuracy if ft.accuracy > 0 else float("nan"),
+            "ece": res.ece(), "finetuned_ece": ft.ece(),
+            "train_loss": mean_loss(model, make_batches(loss_ex, 128, tok.pad_token_id, device), weights),
+            "kept": sum(int(m.sum()) for m in mask.values()), **info,
+        })
+    return rows, masks, results
+
+
+def _recovery_job_pickled(job: bytes) -> bytes:
+    import pickle
+
+    return pickle.dumps(_recovery_job(pickle.loads(job)))
+
+
 def recovery_study(model, tok, pre, deltas_by_source: Mapping[str, Mapping[str, dict]], tests: Mapping[str, object],
                    train_examples: Mapping[str, list], L, E, progress: bool = True):
-    """Every mask, every grafted model scored. Returns (table, masks, results):
+    """Every mask, every grafted model scored, one job per source and skill, in
+    ``localize.workers`` processes (one torch thread each; the numbers do not depend on the
+    number). Returns (table, masks, results):
 
     * ``table``: one row per source, kind, sparsity, skill with ``accuracy``, ``finetuned_accuracy``,
       ``recovery`` (= accuracy / finetuned_accuracy, NaN when the latter is 0), ``ece``,
@@ -271,27 +308,34 @@ def recovery_study(model, tok, pre, deltas_by_source: Mapping[str, Mapping[str, 
     from tqdm.auto import tqdm
 
     skills = list(tests)
-    device = next(model.parameters()).device
+    jobs = [{"model": model, "tok": tok, "pre": pre, "delta": deltas_by_source[src][s], "test": tests[s],
+             "train_ex": train_examples[s], "src": src, "skill": s, "skill_index": skills.index(s), "L": L, "E": E}
+            for src in deltas_by_source for s in skills]
+    bar = tqdm(total=len(jobs), desc="localize", disable=not progress)
+    if L.workers <= 1 or next(model.parameters()).device.type != "cpu":
+        done = []
+        for job in jobs:
+            done.append(_recovery_job(job))
+            bar.update(1)
+    else:
+        import multiprocessing as mp
+        import pickle
+        from concurrent.futures import ProcessPoolExecutor
+
+        # Jobs and results cross as plain pickles (bytes): multiprocessing's own pickler would
+        # move the tensors into shared memory instead of copying them, and every worker would
+        # then write its grafts into one shared model (measured: wrong accuracies, by race).
+        with ProcessPoolExecutor(max_workers=min(L.workers, len(jobs)), mp_context=mp.get_context("spawn")) as pool:
+            done = []
+            for out in pool.map(_recovery_job_pickled, [pickle.dumps(j) for j in jobs]):  # in job order
+                done.append(pickle.loads(out))
+                bar.update(1)
+    bar.close()
     rows, masks, results = [], {}, {}
-    jobs = [(src, s) for src in deltas_by_source for s in skills]
-    for src, skill in tqdm(jobs, desc="localize", disable=not progress):
-        delta = deltas_by_source[src][skill]
-        ft = score(model, tok, tests[skill], pre, G.graft(pre, delta, {n: torch.ones_like(d, dtype=torch.bool) for n, d in delta.items()}), E)
-        results[(src, "finetuned", 1.0, skill)] = ft
-        loss_ex = train_examples[skill][:128]
-        made = make_masks(model, tok, pre, delta, train_examples[skill], L, skills.index(skill))
-        for (kind, sp), (mask, info) in made.items():
-            weights = G.graft(pre, delta, mask)
-            res = score(model, tok, tests[skill], pre, weights, E)
-            masks[(src, kind, sp, skill)] = mask
-            results[(src, kind, sp, skill)] = res
-            rows.append({
-                "source": src, "kind": kind, "sparsity": sp, "skill": skill, "accuracy": res.accuracy,
-                "finetuned_accuracy": ft.accuracy, "recovery": res.accuracy / ft.accuracy if ft.accuracy > 0 else float("nan"),
-                "ece": res.ece(), "finetuned_ece": ft.ece(),
-                "train_loss": mean_loss(model, make_batches(loss_ex, 128, tok.pad_token_id, device), weights),
-                "kept": sum(int(m.sum()) for m in mask.values()), **info,
-            })
+    for r, m, res in done:
+        rows += r
+        masks.update(m)
+        results.update(res)
     return pd.DataFrame(rows), masks, results
 
 

@@ -79,30 +79,68 @@ def load(cfg: dict, base_dir: str | Path, dirs: dict[str, Path], root: str | Pat
     return MergeRoute(S, E, P, dirs, peft_model, tok, base, tests, val, Bench(tok, tests, E), tvs, tv_s)
 
 
-def replicate(st: MergeRoute, seed: int, experts) -> MergeRoute:
-    """Stage 04's state for the replicate trained with ``seed`` (models/replicates/<seed>): its
-    experts and joint LoRA on a fresh peft model; the test sets, clean base and params shared."""
+def replicate_dirs(names: list[str], seed: int) -> dict[str, Path]:
+    """The adapters of the replicate trained with ``seed`` (models/replicates/<seed>): its
+    experts and its joint LoRA at the total steps."""
     root = Path("models") / "replicates" / str(seed)
-    dirs = {s: root / "experts" / s for s in st.names} | {"joint_total_steps": root / "joint" / "total_steps"}
-    peft_model, _ = X.load_with_adapters("models/base", dirs, experts)
-    tvs, tv_s = timed(lambda: M.task_vectors(peft_model, st.names))
-    return MergeRoute(st.S, st.E, st.P, dirs, peft_model, st.tok, st.base, st.tests, st.val,
-                      Bench(st.tok, st.tests, st.E), tvs, tv_s)
+    return {s: root / "experts" / s for s in names} | {"joint_total_steps": root / "joint" / "total_steps"}
+
+
+def _score_replicate(job: dict) -> tuple[dict, dict[str, float]]:
+    """In a worker process (one torch thread): load replicate ``job["seed"]`` on the base and
+    score its references, ΔW merges and routers as for the first seed (peft merges,
+    diagnostics and the re-factored merge are first-seed only). Returns each result's
+    examples by (system, test set) and the replicate's experts on their own skills."""
+    from lib.core import config, io
+    from lib.core.training import one_cpu_thread
+
+    io.quiet_notebook()  # a worker's library chatter would land in the executed notebook
+    one_cpu_thread()
+    os.chdir(job["root"])
+    cfg = config.from_notebook(**job["params"])
+    seed_everything(cfg["merge_route"].seed)
+    r = load(cfg, "models/base", replicate_dirs(list(cfg["skills"].train), job["seed"]))
+    score_references(r)
+    score_merges(r)
+    score_routers(r)
+    return _examples(r.bench), r.found["expert_acc"]
+
+
+def _examples(bench: Bench) -> dict:
+    return {key: res.examples for key, res in bench.results.items()}
+
+
+def start_replicates(st: MergeRoute, cfg: dict) -> None:
+    """Start scoring every seed in ``replicates.seeds`` in ``replicates.workers`` spawned
+    processes while this process scores the first seed; :func:`score_replicates` collects
+    them. Every process runs one torch thread (this one too, from here on), so the two
+    cores are both busy and a seed's numbers do not depend on the number of workers."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    from lib.core.training import one_cpu_thread
+
+    seeds = list(cfg["replicates"].seeds)
+    st.found["replicate_futures"] = {}
+    one_cpu_thread()
+    if not seeds:
+        return
+    params = {k: cfg[k].model_dump(mode="json") for k in ("skills", "experts", "evaluation", "merge_route")}
+    pool = ProcessPoolExecutor(max_workers=min(cfg["replicates"].workers, len(seeds)), mp_context=mp.get_context("spawn"))
+    st.found["replicate_futures"] = {s: pool.submit(_score_replicate, {"root": os.getcwd(), "params": params, "seed": s})
+                                     for s in seeds}
+    pool.shutdown(wait=False)  # the futures still run; the workers exit once they are done
 
 
 def score_replicates(st: MergeRoute, cfg: dict) -> pd.DataFrame:
-    """Every seed in ``replicates.seeds``: the references, the ΔW merges and the routers scored
-    as for the first seed (peft merges, diagnostics and the re-factored merge are first-seed
-    only). Returns :func:`seed_table`: each system's normalised accuracy per seed and over seeds."""
-    first = cfg["experts"].seed
-    st.found["seeds"] = {first: (st.bench, st.found["expert_acc"])}
-    for seed in cfg["replicates"].seeds:
-        seed_everything(st.P.seed)
-        r = replicate(st, seed, cfg["experts"])
-        score_references(r)
-        score_merges(r)
-        score_routers(r)
-        st.found["seeds"][seed] = (r.bench, r.found["expert_acc"])  # the bench keeps its models: a few MB here
+    """The replicates started by :func:`start_replicates` (started here if they were not), next
+    to the first seed. Returns :func:`seed_table`: each system's normalised accuracy per seed
+    and over seeds."""
+    if "replicate_futures" not in st.found:
+        start_replicates(st, cfg)
+    st.found["seeds"] = {cfg["experts"].seed: (_examples(st.bench), st.found["expert_acc"])}
+    for seed, future in st.found.pop("replicate_futures").items():
+        st.found["seeds"][seed] = future.result()
     return seed_table(st)
 
 
@@ -112,10 +150,10 @@ def seed_table(st: MergeRoute) -> pd.DataFrame:
     seeds = st.found.get("seeds") or {}
     rows = []
     for name, system in st.bench.systems.items():
-        results = [b.results.get((name, "skills")) for b, _ in seeds.values()]
+        results = [examples.get((name, "skills")) for examples, _ in seeds.values()]
         if len(seeds) < 2 or any(r is None for r in results):
             continue
-        ci = seed_macro_ci([r.examples for r in results], [acc for _, acc in seeds.values()], st.E.n_boot)
+        ci = seed_macro_ci(results, [acc for _, acc in seeds.values()], st.E.n_boot)
         nan = lambda v: np.nan if v is None else v  # noqa: E731  (a seed whose experts all scored 0 has no normalised value)
         rows.append({"system": name, "kind": system.kind, "n_seeds": ci["n"], "seed_mean": nan(ci["mean"]),
                      "seed_lo": nan(ci["lo"]), "seed_hi": nan(ci["hi"]),
