@@ -13,6 +13,8 @@ from lib.merge.methods import MERGE_METHODS
 from lib.merge.methods.breadcrumbs import breadcrumbs, breadcrumbs_mask
 from lib.merge.methods.dare_linear import dare_linear
 from lib.merge.methods.dare_ties import dare_ties
+from lib.merge.methods.iso_c import iso_c
+from lib.merge.methods.tsv_m import tsv_m
 from lib.merge.methods.linear import linear
 from lib.merge.methods.magnitude_prune import magnitude_prune
 from lib.merge.methods.task_arithmetic import task_arithmetic
@@ -152,6 +154,79 @@ def test_breadcrumbs_mask_drops_largest_beta_and_smallest():
     close(breadcrumbs([x], density=0.3, beta=0.0), magnitude_prune([x], density=0.3))
 
 
+# ---------------------------------------------------------------- spectral merges: Iso-C, TSV-M
+
+def _low_rank(m, n, r, seed):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(m, r, generator=g, dtype=torch.float64) @ torch.randn(r, n, generator=g, dtype=torch.float64))
+
+
+def _full(m, n, seed):
+    return torch.randn(m, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def _procrustes(a):
+    p, _, qh = torch.linalg.svd(a, full_matrices=False)
+    return p @ qh
+
+
+def test_iso_c_is_the_sum_with_a_flat_spectrum():
+    """Full-rank updates: the paper's formula (FusionBench's iso_c), σ̄ U Vᵀ of the sum."""
+    ds = [_full(6, 5, s) for s in range(3)]
+    u, sv, vh = torch.linalg.svd(sum(ds), full_matrices=False)
+    close(iso_c(ds), sv.mean() * u @ vh)
+    close(iso_c(ds, [0.5] * 3), 0.5 * iso_c(ds))  # equal weights: the scaling factor
+    out = torch.linalg.svdvals(iso_c(ds))
+    close(out, torch.full_like(out, float(sv.mean())))
+
+
+def test_iso_c_keeps_a_low_rank_sum_in_its_own_subspace():
+    """Two rank-2 updates: the flat spectrum has the sum's 4 directions at the mean of its 4
+    singular values, and nothing in the null space (the full spectrum's mean would be 4/5 of it
+    over 5 directions, one of them arbitrary)."""
+    ds = [_low_rank(7, 5, 2, 1), _low_rank(7, 5, 2, 2)]
+    m = sum(ds)
+    sv = torch.linalg.svdvals(m)[:4]
+    out = iso_c(ds)
+    close(torch.linalg.svdvals(out)[:4], torch.full((4,), float(sv.mean()), dtype=torch.float64))
+    assert float(torch.linalg.svdvals(out)[4]) < 1e-10
+    q = torch.linalg.svd(m, full_matrices=False)[0][:, :4]
+    close(q @ (q.T @ out), out)  # the columns stay in the sum's column space
+
+
+def test_tsv_m_is_the_papers_procrustes_merge_on_full_rank_updates():
+    """T = 3 full-rank 6×6 updates: each keeps ⌊6/3⌋ = 2 singular components; U and V stacked,
+    each replaced by its nearest orthonormal matrix, then U⊥ Σ V⊥ᵀ (FusionBench's
+    compute_and_sum_svd_mem_reduction, written out here)."""
+    ds = [_full(6, 6, s) for s in range(3)]
+    us, ss, vs = [], [], []
+    for d in ds:
+        u, s, vh = torch.linalg.svd(d, full_matrices=False)
+        us.append(u[:, :2]), ss.append(s[:2]), vs.append(vh[:2])
+    ref = _procrustes(torch.cat(us, 1)) @ torch.diag(torch.cat(ss)) @ _procrustes(torch.cat(vs, 0))
+    close(tsv_m(ds), ref)
+    close(tsv_m(ds, [2.0] * 3), 2.0 * ref)
+
+
+def test_tsv_m_of_tasks_in_orthogonal_subspaces_is_their_sum():
+    """Rank-1 updates on disjoint rows and columns: nothing to decorrelate, TSV-M = Σ ΔW_i."""
+    e = torch.eye(6, dtype=torch.float64)
+    ds = [3.0 * torch.outer(e[0], e[1]), 2.0 * torch.outer(e[2], e[3]), 1.0 * torch.outer(e[4], e[5])]
+    close(tsv_m(ds), sum(ds))
+
+
+def test_tsv_m_stays_in_the_span_of_the_tasks_low_rank_updates():
+    """Three rank-2 updates of a 9×8 matrix keep ⌊8/3⌋ = 2 components each, all meaningful; with a
+    rank-1 update the third would keep an arbitrary null-space direction, which the cut drops:
+    the merge's columns stay in the span of the tasks' columns either way."""
+    for ranks in ((2, 2, 2), (2, 1, 2)):
+        ds = [_low_rank(9, 8, r, 10 + i) for i, r in enumerate(ranks)]
+        out = tsv_m(ds)
+        q = torch.linalg.svd(torch.cat(ds, 1), full_matrices=False)[0][:, :sum(ranks)]
+        close(q @ (q.T @ out), out)
+        assert torch.linalg.matrix_rank(out) == sum(ranks)
+
+
 # ---------------------------------------------------------------- edge cases
 
 DENSITY_METHODS = ["ties", "dare_linear", "dare_ties", "magnitude_prune", "breadcrumbs"]
@@ -211,7 +286,7 @@ def test_registry_unknown_name_lists_known():
     for name in MERGE_METHODS.names():
         assert name in str(e.value)
     assert set(MERGE_METHODS.names()) == {"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties",
-                                    "magnitude_prune", "breadcrumbs"}
+                                    "magnitude_prune", "breadcrumbs", "iso_c", "tsv_m"}
 
 
 def test_merge_task_vectors_params_and_missing_modules():
