@@ -235,3 +235,16 @@ def test_probe_classes_each_outcome():
     assert classify(2, "error: something else\n", ["experts.rank"], set(), set())[0] == "bad"
     assert classify(0, "", ["experts.rank"], set(), set()) == ("bad", "exit 0")
     assert classify(None, "", ["experts.rank"], set(), set())[0] == "bad"
+
+
+def test_reference_merges_measures_how_far_a_merge_leaves_the_experts_span():
+    """bench.reference_merges' span measure: 0 inside the experts' column space, 1 orthogonal to it."""
+    import torch
+
+    from bench.reference_merges import _outside_span
+
+    e = torch.eye(4, dtype=torch.float64)
+    experts = [torch.outer(e[0], e[1]), torch.outer(e[1], e[2])]       # columns span e0, e1
+    assert _outside_span(torch.outer(e[0] + e[1], e[3]), experts) < 1e-12
+    assert abs(_outside_span(torch.outer(e[2], e[0]), experts) - 1.0) < 1e-12
+    assert abs(_outside_span(torch.outer(e[0] + e[2], e[0]), experts) - 2 ** -0.5) < 1e-12
