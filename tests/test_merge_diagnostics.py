@@ -45,3 +45,23 @@ def test_disentanglement_error_is_zero_for_a_null_vector_and_positive_for_a_larg
     assert t[t.task == "a"].error.iloc[0] > 0
     summary = D.disentanglement_summary(t)
     assert summary.shape == (1, 1) and 0 < summary.iloc[0, 0] <= 1
+
+
+def test_singular_task_interference_is_zero_for_orthogonal_tasks_and_the_formula_otherwise():
+    """Gargiulo et al. 2025's STI: orthogonal singular subspaces give 0; two rank-1 tasks on the
+    same directions, s1 u vᵀ and s2 u vᵀ, give ‖[[0,1],[1,0]] diag(s1, s2) [[0,1],[1,0]]‖₁ = s1 + s2,
+    whatever the SVD's signs (the second one given as (−u)(−v)ᵀ)."""
+    import torch
+
+    from lib.merge.diagnostics import singular_task_interference
+
+    e = torch.eye(5, dtype=torch.float64)
+    orth = singular_task_interference([3 * torch.outer(e[0], e[1]), 2 * torch.outer(e[2], e[3])])
+    assert orth["sti"] < 1e-12 and orth["relative"] < 1e-12
+    u, v = e[0] + e[1], e[2] - e[4]
+    u, v = u / u.norm(), v / v.norm()
+    same = singular_task_interference([3.0 * torch.outer(u, v), 2.0 * torch.outer(-u, -v)])
+    assert abs(same["sti"] - 5.0) < 1e-9 and abs(same["relative"] - 1.0) < 1e-9
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(6, 5, generator=g, dtype=torch.float64), torch.randn(6, 5, generator=g, dtype=torch.float64)
+    assert abs(singular_task_interference([a, b])["sti"] - singular_task_interference([-a, b])["sti"]) < 1e-9

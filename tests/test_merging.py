@@ -227,6 +227,23 @@ def test_tsv_m_stays_in_the_span_of_the_tasks_low_rank_updates():
         assert torch.linalg.matrix_rank(out) == sum(ranks)
 
 
+def test_spectral_merges_cut_float32_lora_updates_at_their_rank():
+    """A rank-2 ΔW = B·A made in float32, as the experts' task vectors are: past rank 2 its singular
+    values are float32 rounding (~1e-7 of the largest), which the cut must drop though the SVD
+    runs in float64. Iso-C of one such update then has exactly 2 equal singular values."""
+    from lib.merge.methods._spectral import svd_cut
+
+    g = torch.Generator().manual_seed(3)
+    d = (torch.randn(32, 2, generator=g) @ torch.randn(2, 24, generator=g)).float()
+    assert float(torch.linalg.svdvals(d.double())[2]) > 0  # not exactly rank 2 in float64
+    assert svd_cut(d)[1].numel() == 2
+    sv = torch.linalg.svdvals(iso_c([d]).double())
+    assert abs(float(sv[0] - sv[1])) < 1e-5 * float(sv[0]) and float(sv[2]) < 1e-5 * float(sv[0])
+    out = tsv_m([d, (torch.randn(32, 2, generator=g) @ torch.randn(2, 24, generator=g)).float()]).double()
+    q2 = torch.linalg.svd(torch.cat([d.double(), out], 1), full_matrices=False)[1]
+    assert float(q2[4]) < 1e-4 * float(q2[0])  # the merge of two rank-2 updates has rank 4
+
+
 # ---------------------------------------------------------------- edge cases
 
 DENSITY_METHODS = ["ties", "dare_linear", "dare_ties", "magnitude_prune", "breadcrumbs"]

@@ -10,6 +10,11 @@
   classification. Zero means adding the other task's vector does not change what the model
   does on this task's inputs: the two vectors are disentangled. Reported per task (not
   summed), so it reads as a rate in [0, 1].
+* :func:`singular_task_interference`: the singular task interference of Gargiulo et al. 2025
+  ("Task singular vectors", the measure TSV-M is built to reduce) for one module:
+  ``‖(UᵀU − I) Σ (VᵀV − I)‖₁`` with ``U``, ``Σ``, ``V`` every task's singular vectors and
+  values side by side (each task cut at its numerical rank, as in ``tsv_m``). Zero when the
+  tasks' singular subspaces are orthogonal; also given relative to ``‖Σ‖₁``.
 
 Hand-written: the formulas are a few lines on top of :mod:`lib.merge.task_vectors` and the
 evaluation harness; no installable library computes them for LoRA task vectors.
@@ -41,6 +46,22 @@ def cosine_matrix(tvs: Mapping[str, Mapping[str, torch.Tensor]]) -> pd.DataFrame
     norms = flat.norm(dim=1, keepdim=True).clamp_min(1e-12)
     cos = (flat / norms) @ (flat / norms).T
     return pd.DataFrame(cos.cpu().numpy().astype(np.float64), index=names, columns=names)
+
+
+def singular_task_interference(deltas: Sequence[torch.Tensor]) -> dict[str, float]:
+    """``{"sti": ‖(UᵀU − I) Σ (VᵀV − I)‖₁, "relative": sti / ‖Σ‖₁}`` over the experts' updates
+    of one module (2-D tensors). Unchanged by the sign choices of the SVD (flipping a pair
+    ``u_j, v_j`` only flips signs inside the product)."""
+    from lib.merge.methods._spectral import svd_cut
+
+    parts = [svd_cut(d) for d in deltas]
+    u = torch.cat([p[0] for p in parts], dim=1)
+    s = torch.cat([p[1] for p in parts])
+    v = torch.cat([p[2] for p in parts], dim=0).T
+    eye = torch.eye(len(s), dtype=u.dtype)
+    sti = float(((u.T @ u - eye) @ torch.diag(s) @ (v.T @ v - eye)).abs().sum())
+    total = float(s.abs().sum())
+    return {"sti": sti, "relative": sti / total if total else 0.0}
 
 
 def _answers(model, tok, rows, settings) -> list[str]:
