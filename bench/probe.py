@@ -129,9 +129,9 @@ def _scratch(tree: Path, root: Path, case: Case, seeded: Path | None) -> Path:
         shutil.copytree(seeded, w)
     else:
         w.mkdir(parents=True)
-        for d in ("data", "profiles"):
-            src = tree / d if (tree / d / "skills").exists() or d == "profiles" else REPO / d
-            shutil.copytree(src, w / d)
+        # data/ is DVC-tracked: an older checkout may not have pulled it, then this one's is used.
+        shutil.copytree(tree / "data" if (tree / "data" / "skills").exists() else REPO / "data", w / "data")
+        shutil.copytree(tree / "profiles", w / "profiles")
         shutil.copy2(tree / "params.yaml", w / "params.yaml")
     params = w / "params.yaml"
     if case.edit:

@@ -42,9 +42,9 @@ def _inputs(kind: str, n_tasks: int, shape: tuple[int, int], seed: int) -> list[
 
 def _outside_span(out: torch.Tensor, deltas: list[torch.Tensor]) -> float:
     """‖out − P out‖ / ‖out‖, P the projector on the span of the experts' columns."""
-    stacked = torch.cat(deltas, dim=1)
-    u, s, _ = torch.linalg.svd(stacked, full_matrices=False)
-    q = u[:, : int((s > s[0] * max(stacked.shape) * torch.finfo(s.dtype).eps).sum())]
+    from lib.merge.methods._spectral import svd_cut
+
+    q = svd_cut(torch.cat(deltas, dim=1))[0]
     return float((out - q @ (q.T @ out)).norm() / out.norm())
 
 

@@ -59,6 +59,7 @@ trained in stage 03, so their training seconds (``train_info.json``) are added t
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 from collections.abc import Sequence
@@ -397,7 +398,7 @@ def run_study(root: str | Path, skills, e, ev, c, progress: bool = True) -> list
                 runs = [r for f in futures for r in f.result()]
     finally:
         bar.close()
-    rank = {(s, name, o): i for i, (s, name, o) in enumerate((s, n, o) for s in c.seeds for n in c.strategies for o in orders)}
+    rank = {key: i for i, key in enumerate(itertools.product(c.seeds, c.strategies, orders))}
     return sorted(runs, key=lambda r: rank[(r.seed, r.strategy, r.order)])
 
 

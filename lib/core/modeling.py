@@ -117,10 +117,13 @@ def check_adapter_files(path: str | Path) -> None:
         raise AdapterError(problem)
 
 
-def check_local(name_or_path, key: str | None = None) -> None:
+def check_local(name_or_path, key: str | None = None, local: bool = False) -> None:
     """ModelLoadError at once when ``name_or_path`` is a local path that does not exist: it is
-    never looked up on a hub (no lookups, no retries). ``key``: the params key that named it."""
-    missing = missing_local(name_or_path)
+    never looked up on a hub (no lookups, no retries). ``key``: the params key that named it.
+    ``local``: the path is the project's own (``models/base``), never a hub id, though it may
+    look like one."""
+    missing = (f"{name_or_path}: no such local directory" if local and not Path(name_or_path).expanduser().exists()
+               else missing_local(name_or_path))
     if missing:
         where = f"{key}: " if key else ""
         hint = "" if key else "; the stage that writes it has not run (for models/base: dvc repro base)"
@@ -162,9 +165,7 @@ def load_on_device(name_or_path: str | Path, trust_remote_code: bool = False):
     """``load_causal_lm`` in the dtype ``pick_device`` chooses, moved to that device. Only for
     the project's own models (``models/base``, a level's base...): a path that does not exist is
     a stage that has not run, never a hub id (``models/base`` would look like one)."""
-    if not Path(name_or_path).expanduser().exists():
-        raise ModelLoadError(f"{name_or_path}: no such local directory (a local path, so it is not looked up on the hub); "
-                             "the stage that writes it has not run (for models/base: dvc repro base)")
+    check_local(name_or_path, local=True)
     device, dtype = pick_device()
     model, tok = load_causal_lm(name_or_path, trust_remote_code, dtype=dtype)
     return model.to(device), tok

@@ -10,16 +10,29 @@ import shutil
 from pathlib import Path
 
 
-def pool_map(fn, items: list, workers: int = 1) -> list:
+def pool_map(fn, items: list, workers: int = 1, on_done=None) -> list:
     """``[fn(x) for x in items]``, in ``workers`` spawned processes when more than one (each
-    worker sets its own torch threads); results in the order of ``items``."""
+    worker sets its own torch threads); results in the order of ``items``. ``on_done(result)``
+    is called as each result arrives, in that order (a progress bar)."""
     if workers <= 1 or len(items) <= 1:
-        return [fn(x) for x in items]
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
+        results = map(fn, items)
+        pool = None
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(max_workers=min(workers, len(items)), mp_context=mp.get_context("spawn")) as pool:
-        return list(pool.map(fn, items))
+        pool = ProcessPoolExecutor(max_workers=min(workers, len(items)), mp_context=mp.get_context("spawn"))
+        results = pool.map(fn, items)
+    try:
+        out = []
+        for r in results:
+            out.append(r)
+            if on_done is not None:
+                on_done(r)
+        return out
+    finally:
+        if pool is not None:
+            pool.shutdown()
 
 
 def remove_stale(folder: Path, keep: list[str]) -> None:

@@ -57,12 +57,12 @@ def train_full(base_dir: Path, train, f, target_modules, out_dir: Path, progress
     from lib.core.modeling import load_on_device
     from lib.core.sft import LeanSFTTrainer
 
-    model, tok = load_on_device(base_dir)
     key = run_key(base_dir, train, f, f.steps, f.seed, resolved_params)
     done = finished_run(out_dir, key, weights="model.safetensors")
-    if done is not None:
+    if done is not None:  # decided from files alone: the model is not loaded
         print(f"{out_dir}: already trained from the same inputs ({RUN_KEY}); kept", file=sys.stderr)
         return done
+    model, tok = load_on_device(base_dir)
     tok.padding_side = "right"
     names = set(considered_names(model, target_modules))
     check_max_length(tok, train, f.max_length, "localize.finetune.max_length")
@@ -130,11 +130,10 @@ def run_all(skills: list[str] | None = None, root: str | Path = ".", params: str
     if skills is None:
         skills = list(cfg["skills"].train)
         remove_stale(root / "models" / "finetuned", skills)
-    workers = cfg["localize"].workers
-    jobs = [{"skill": s, "root": str(root.resolve()), "params": params, "profile": profile} for s in skills]
-    if workers <= 1:
+    if cfg["localize"].workers <= 1:  # in this process, with progress bars
         return {s: run(s, root, params, profile, progress) for s in skills}
-    return dict(zip(skills, pool_map(_run_job, jobs, workers)))
+    jobs = [{"skill": s, "root": str(root.resolve()), "params": params, "profile": profile} for s in skills]
+    return dict(zip(skills, pool_map(_run_job, jobs, cfg["localize"].workers)))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import pickle
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,7 @@ import pandas as pd
 import torch
 
 from lib.core import data
+from lib.core.pool import pool_map
 from lib.localize import grafting as G
 from lib.core.evaluation import EvalResult, evaluate
 from lib.core.sft_data import make_batches, mean_loss
@@ -286,8 +288,6 @@ def _recovery_job(job: dict) -> tuple[list[dict], dict, dict]:
 
 
 def _recovery_job_pickled(job: bytes) -> bytes:
-    import pickle
-
     return pickle.dumps(_recovery_job(pickle.loads(job)))
 
 
@@ -312,24 +312,12 @@ def recovery_study(model, tok, pre, deltas_by_source: Mapping[str, Mapping[str, 
              "train_ex": train_examples[s], "src": src, "skill": s, "skill_index": skills.index(s), "L": L, "E": E}
             for src in deltas_by_source for s in skills]
     bar = tqdm(total=len(jobs), desc="localize", disable=not progress)
-    if L.workers <= 1 or next(model.parameters()).device.type != "cpu":
-        done = []
-        for job in jobs:
-            done.append(_recovery_job(job))
-            bar.update(1)
-    else:
-        import multiprocessing as mp
-        import pickle
-        from concurrent.futures import ProcessPoolExecutor
-
-        # Jobs and results cross as plain pickles (bytes): multiprocessing's own pickler would
-        # move the tensors into shared memory instead of copying them, and every worker would
-        # then write its grafts into one shared model (measured: wrong accuracies, by race).
-        with ProcessPoolExecutor(max_workers=min(L.workers, len(jobs)), mp_context=mp.get_context("spawn")) as pool:
-            done = []
-            for out in pool.map(_recovery_job_pickled, [pickle.dumps(j) for j in jobs]):  # in job order
-                done.append(pickle.loads(out))
-                bar.update(1)
+    # Jobs and results cross as plain pickles (bytes): multiprocessing's own pickler would move
+    # the tensors into shared memory instead of copying them, and every worker would then write
+    # its grafts into one shared model (measured: wrong accuracies, by race).
+    workers = L.workers if next(model.parameters()).device.type == "cpu" else 1
+    done = [pickle.loads(b) for b in pool_map(_recovery_job_pickled, [pickle.dumps(j) for j in jobs], workers,
+                                               on_done=lambda _: bar.update(1))]
     bar.close()
     rows, masks, results = [], {}, {}
     for r, m, res in done:
