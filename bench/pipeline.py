@@ -143,17 +143,13 @@ def repro(cwd: Path, *args: str, poll: float = 0.1, log: Path | None = None) -> 
     return out
 
 
-def _target_stages(project: Path | None = None) -> set[str]:
+def _target_stages() -> set[str]:
     """What a merge param should rerun: the stages whose notebook is 04_* or 07_* (merge_route,
-    report) and the levels' scoring (``level_score@<fraction>`` in the project's dvc.lock), which
-    chooses each level's λ from ``merge_route.lam_grid``. No training stage."""
+    report) and the levels' scoring (``level_score``), which chooses each level's λ from
+    ``merge_route.lam_grid``. No training stage."""
     from lib.core.stages import STAGES
 
-    target = {name for name, st in STAGES.items() if st.notebook[:3] in ("04_", "07_")}
-    lock = project / "dvc.lock" if project is not None else None
-    if lock is not None and lock.is_file():
-        target |= {n for n in (yaml.safe_load(lock.read_text()) or {}).get("stages", {}) if n.startswith("level_score@")}
-    return target
+    return {name for name, st in STAGES.items() if st.notebook[:3] in ("04_", "07_")} | {"level_score"}
 
 
 def run(quick: bool = False, root: Path = common.REPO, keep: bool = False, noop_repeats: int = 3) -> dict:
@@ -194,7 +190,7 @@ def run(quick: bool = False, root: Path = common.REPO, keep: bool = False, noop_
 
         status_changed = sorted(json.loads(dvc(project, "status", "--json")))
         rerun = repro(project, log=log)
-        expected = _target_stages(project)
+        expected = _target_stages()
     finally:
         if keep:
             print(f"pipeline: kept {scratch}", file=sys.stderr)

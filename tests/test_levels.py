@@ -1,4 +1,4 @@
-"""Issue 15's levels axis: params, the per-level table and its verdicts, the stage's argument."""
+"""Issue 15's levels axis: params, where a level's adapters are, the summary over seeds, the per-level table and its verdicts."""
 from __future__ import annotations
 
 import json
@@ -43,31 +43,56 @@ def test_an_unknown_merge_is_refused(tmp_path):
         config.load(["levels"], write_params(tmp_path, merges=["task_arithmetic", "tie"]))
 
 
-def test_the_stage_argument_must_be_a_listed_level():
-    levels = config.make(config.LevelsParams, fractions=[0.0, 0.35])
-    assert LR.parse_fraction("0.35", levels) == 0.35
-    with pytest.raises(config.ParamsError, match=r"not in levels.fractions \[0.0, 0.35\]"):
-        LR.parse_fraction("0.5", levels)
-    with pytest.raises(config.ParamsError, match="not a number"):
-        LR.parse_fraction("half", levels)
+def test_level_skills_must_be_training_skills(tmp_path):
+    with pytest.raises(config.ParamsError, match=r"levels.skills \['rotate'\] not in skills.train"):
+        config.load(["skills", "levels"], write_params(tmp_path, skills=["inc", "rotate"]))
+    with pytest.raises(config.ParamsError, match="at least 2"):
+        config.load(["levels"], write_params(tmp_path, skills=["inc"]))
+
+
+def test_the_main_level_uses_the_main_studys_experts_and_its_own_joint_lora(tmp_path):
+    dirs = LR.adapter_dirs(tmp_path, LR.MAIN, 0, ["inc", "dec"], main_seed=0)
+    assert dirs["inc"] == tmp_path / "models" / "experts" / "inc"
+    assert dirs["joint_total_steps"] == tmp_path / "models" / "levels" / "main" / "seeds" / "0" / "joint" / "total_steps"
+    assert LR.adapter_dirs(tmp_path, LR.MAIN, 2, ["inc"], main_seed=0)["inc"] == tmp_path / "models/replicates/2/experts/inc"
+    level = LR.adapter_dirs(tmp_path, "0.35", 2, ["inc"], main_seed=0)
+    assert level["inc"] == tmp_path / "models" / "levels" / "0.35" / "seeds" / "2" / "experts" / "inc"
+
+
+def test_a_levels_systems_are_summarised_over_seeds_with_each_seeds_experts_as_denominators():
+    import pandas as pd
+
+    from lib.levels.score import summarise
+
+    def ex(correct_a, correct_b):  # 4 prompts per skill
+        return pd.DataFrame({"skill": ["a"] * 4 + ["b"] * 4, "correct": [*correct_a, *correct_b]})
+
+    seeds = {0: {"examples": {"joint_total_steps": ex([1, 1, 1, 1], [1, 1, 1, 1]), "merge:task_arithmetic": ex([1, 1, 0, 0], [1, 1, 1, 1])},
+                 "expert_acc": {"a": 1.0, "b": 1.0}, "chosen_lambda": {"task_arithmetic": 1.0}},
+             1: {"examples": {"joint_total_steps": ex([1, 1, 1, 1], [1, 1, 1, 0]), "merge:task_arithmetic": ex([1, 0, 0, 0], [1, 1, 0, 0])},
+                 "expert_acc": {"a": 0.5, "b": 1.0}, "chosen_lambda": {"task_arithmetic": 0.5}}}
+    out = summarise(seeds, ["task_arithmetic"], n_boot=200)
+    ta = out["systems"]["merge:task_arithmetic"]
+    # seed 0: (0.5/1 + 1/1)/2 = 0.75; seed 1: (0.25/0.5 + 0.5/1)/2 = 0.5
+    assert ta["norm_per_seed"] == {"0": 0.75, "1": 0.5} and ta["norm_acc"] == 0.625 and ta["n_seeds"] == 2
+    assert ta["mean_acc"] == round((0.75 + 0.375) / 2, 4)
+    assert ta["norm_lo"] <= 0.5 + 1e-9 and ta["norm_hi"] >= 0.75 - 1e-9  # seed-to-seed spread inside the interval
+    assert out["expert_own"] == {"0": {"a": 1.0, "b": 1.0}, "1": {"a": 0.5, "b": 1.0}}
 
 
 def level_metrics(merge: tuple[float, float, float], joint: tuple[float, float, float], base_max=0.0, expert_min=0.95,
                   ties=None):
     systems = {"joint_total_steps": joint, "merge:task_arithmetic": merge, "merge:ties": ties or (0.1, 0.05, 0.15)}
     return {"base": {"accuracy": {"a": base_max, "b": 0.0}, "well_formed": {"a": 1.0, "b": 0.5}, "max_accuracy": base_max},
-            "expert_own": {"a": 1.0, "b": expert_min},
-            "systems": {k: {"norm_acc": v[0], "norm_lo": v[1], "norm_hi": v[2], "mean_acc": v[0]} for k, v in systems.items()}}
+            "expert_own": {"0": {"a": 1.0, "b": 1.0}, "1": {"a": 1.0, "b": expert_min}},
+            "systems": {k: {"norm_acc": v[0], "norm_lo": v[1], "norm_hi": v[2], "mean_acc": v[0],
+                            "norm_per_seed": {"0": v[0], "1": v[0]}} for k, v in systems.items()}}
 
 
 def write_project(tmp_path, levels: dict, main: dict):
-    (tmp_path / "metrics" / "levels").mkdir(parents=True)
-    for f, m in levels.items():
-        (tmp_path / "metrics" / "levels" / f"{f}.json").write_text(json.dumps(m))
-    mr = {"systems": {k: {**v, "kind": "merge"} for k, v in main["systems"].items()}, "expert_own": main["expert_own"]}
-    (tmp_path / "metrics" / "merge_route.json").write_text(json.dumps(mr))
-    (tmp_path / "metrics" / "base.json").write_text(json.dumps({"accuracy": main["base"]["accuracy"],
-                                                               "well_formed": main["base"]["well_formed"]}))
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "levels.json").write_text(json.dumps({**{str(float(f)): m for f, m in levels.items()},
+                                                                 "0.7": main}))
 
 
 def test_each_level_gets_its_own_verdict_in_both_directions(tmp_path):
@@ -82,6 +107,8 @@ def test_each_level_gets_its_own_verdict_in_both_directions(tmp_path):
     assert tab.base_well_formed_min.tolist() == [0.5, 0.5, 0.5]
     fig, caption = LV.figure(tab)
     assert "held at level(s) 0.7" in caption and "level 0: best merge (ties) 0.100" in caption
+    assert caption.startswith("2 seeds per level") and tab.n_seeds.tolist() == [2, 2, 2]
+    assert len(LV.per_seed(tmp_path, [0.0, 0.35], 0.7)) == 3 * 3 * 2  # levels x systems x seeds
     assert len(LV.long(tab)) == 9  # 3 levels x (joint + 2 merges)
     assert tab["merge:task_arithmetic_mean_acc"].tolist() == [0.05, 0.6, 0.99]
 
@@ -102,7 +129,7 @@ def test_a_level_with_no_normalised_accuracy_is_inconclusive(tmp_path):
 
 def test_a_missing_level_is_an_error_naming_the_file(tmp_path):
     write_project(tmp_path, {0.0: level_metrics((0.2, 0.1, 0.3), (0.5, 0.4, 0.6))}, level_metrics((0.7, 0.6, 0.8), (0.5, 0.4, 0.6)))
-    with pytest.raises(MissingMetric, match=r"metrics/levels/0.35.json: missing"):
+    with pytest.raises(MissingMetric, match=r"metrics/levels.json: no level \[0.35\]"):
         LV.table(tmp_path, [0.0, 0.35], 0.7, MERGES)
     with pytest.raises(MissingMetric, match=r"no system 'merge:dare_ties'"):
         LV.table(tmp_path, [0.0], 0.7, ["task_arithmetic", "dare_ties"])

@@ -189,15 +189,15 @@ def test_recipe_row_reads_params_and_measured_metrics(tmp_path):
     # --levels: one more row per level, its fraction and its own measured results
     params = yaml.safe_load((tmp_path / "params.yaml").read_text())
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({**params, "levels": {"fractions": [0.0]}}))
-    (tmp_path / "metrics" / "levels").mkdir()
-    (tmp_path / "metrics" / "levels" / "0.0.json").write_text(json.dumps({
-        "base": {"max_accuracy": 0.02}, "expert_own": {"a": 0.5, "b": 0.9, "c": 1.0},
-        "systems": {"joint_total_steps": {"norm_acc": 0.95}, "merge:task_arithmetic": {"norm_acc": 0.1},
-                    "merge:ties": {"norm_acc": 0.2}}}))
+    (tmp_path / "metrics" / "levels.json").write_text(json.dumps({"0.0": {
+        "base": {"max_accuracy": 0.02}, "expert_own": {"0": {"a": 0.5, "b": 0.9}, "1": {"a": 0.8, "b": 1.0}},
+        "skills": ["a", "b"], "systems": {"joint_total_steps": {"norm_acc": 0.95}, "merge:task_arithmetic": {"norm_acc": 0.1},
+                                          "merge:ties": {"norm_acc": 0.2}}}}))
     table = recipes.record(tmp_path, "third", csv=csv, levels=True)
     assert table.note.tolist() == ["first", "second", "third", "third"]
     main, level = table.iloc[-2], table.iloc[-1]
     assert main["synthesize.corpus_skill_fraction"] == 0.3 and level["synthesize.corpus_skill_fraction"] == 0.0
     assert level["experts.rank"] == 4 and level.base_max == 0.02 and level.expert_own_min == 0.5
-    assert level.expert_own_median == 0.9 and level.best_merge == "merge:ties" and level.best_merge_norm_acc == 0.2
+    assert level.expert_own_median == pytest.approx(0.85) and level.best_merge == "merge:ties" and level.best_merge_norm_acc == 0.2
     assert level.task_arithmetic_norm_acc == 0.1 and level.joint_total_norm_acc == 0.95 and pd.isna(level.best_router_norm_acc)
+    assert "experts of a,b, mean over 2 seeds" in level.source

@@ -79,7 +79,7 @@ def test_readme_path_filter():
 
 
 # Training steps are plain commands (no notebook): one per skill or budget, run by foreach.
-SINGLE_TRAINING_STEPS = {"adapters", "levels", "finetune"}  # one stage, not one per item (a pool inside trains them all)
+SINGLE_TRAINING_STEPS = {"adapters", "levels", "level_score", "finetune"}  # one stage, not one per item (a pool inside runs them all)
 # Training steps with their own module: stage 06's full fine-tuning (lib/localize/finetune.py),
 # and the levels of issue 15 (a level's base and adapters, and their scores).
 MODULE_OF_STEP = {"finetune": "lib.localize.finetune", "levels": "lib.levels.train", "level_score": "lib.levels.score"}

@@ -100,7 +100,7 @@ def test_a_merge_parameter_reruns_only_stages_04_and_07_and_rescores_the_levels(
         params = smoke_params(project)
         params["merge_route"]["density"] = 0.5
         (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        levels = {f"level_score@{f}" for f in params["levels"]["fractions"]}  # rescored, not retrained
+        levels = {"level_score"}  # rescored, not retrained
         assert set(json.loads(dvc(project, "status", "--json"))) == {"merge_route", *levels}
         # `dvc status` (and a dry run) stop at the first changed stage; a real run follows the
         # change downstream, to the report that reads stage 04's metrics, and no further.
@@ -142,18 +142,30 @@ def test_replicate_seeds_are_trained_and_scored(project):
 
 
 def test_levels_are_trained_scored_and_reported(project):
-    """The levels stage, level 0.0: its own base (from a corpus without alias lines), experts and joint LoRA;
-    level_score@0.0 scored them; the report's table has a verdict per level."""
+    """The levels stage, level 0.0: its own base (from a corpus without alias lines), and on every seed the experts of
+    levels.skills and their joint LoRA; the main study's level: the joint LoRAs alone; level_score scored every level
+    on every seed; the report's table has a verdict per level."""
     p = smoke_params(project)
+    seeds = [p["experts"]["seed"], *p["replicates"]["seeds"]]
+    skills, main = p["levels"]["skills"], p["synthesize"]["corpus_skill_fraction"]
+    found = json.loads((project / "metrics" / "levels.json").read_text())
+    assert set(found) == {str(float(f)) for f in [*p["levels"]["fractions"], main]}
     for f in p["levels"]["fractions"]:
         root = project / "models" / "levels" / str(f)
         assert (root / "base" / "model.safetensors").is_file()
-        assert (root / "joint" / "total_steps" / "adapter_config.json").is_file()
-        assert all((root / "experts" / s / "adapter_config.json").is_file() for s in p["skills"]["train"])
-        m = json.loads((project / "metrics" / "levels" / f"{f}.json").read_text())
-        assert m["fraction"] == f and set(m["expert_own"]) == set(p["skills"]["train"])
+        for seed in seeds:
+            assert (root / "seeds" / str(seed) / "joint" / "total_steps" / "adapter_config.json").is_file()
+            for s in skills:
+                assert json.loads((root / "seeds" / str(seed) / "experts" / s / "train_info.json").read_text())["seed"] == seed
+    main_root = project / "models" / "levels" / "main"
+    assert not (main_root / "base").exists() and not (main_root / "seeds" / "0" / "experts").exists()
+    assert all((main_root / "seeds" / str(s) / "joint" / "total_steps" / "adapter_config.json").is_file() for s in seeds)
+    for name, m in found.items():
+        assert m["main"] == (float(name) == main) and m["skills"] == skills
+        assert set(m["base"]["accuracy"]) == set(p["skills"]["train"])  # the base is checked on every training skill
+        assert set(m["expert_own"]) == {str(s) for s in seeds} and all(set(v) == set(skills) for v in m["expert_own"].values())
         assert {"joint_total_steps", *(f"merge:{x}" for x in p["levels"]["merges"])} == set(m["systems"])
+        assert all(set(v["norm_per_seed"]) == {str(s) for s in seeds} for v in m["systems"].values())
     levels = json.loads((project / "metrics" / "report.json").read_text())["levels"]
-    main = p["synthesize"]["corpus_skill_fraction"]
     assert set(levels) == {f"{f:g}" for f in [*p["levels"]["fractions"], main]}
     assert set(levels.values()) <= {"held", "did not hold", "inconclusive"}

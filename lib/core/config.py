@@ -284,14 +284,22 @@ class ReplicatesParams(Section):
 class LevelsParams(Section):
     """Issue 15's axis of latent skill knowledge: the study again on bases whose corpus holds
     the training skills (under their alias names) in another share of its lines. Each level
-    (DVC stage levels) pretrains its own base, trains every expert and the joint
-    LoRA at the total steps (experts' recipe, experts.seed), and scores the base, the experts,
-    the joint LoRA and ``merges``; the main study's base is the level
-    synthesize.corpus_skill_fraction."""
+    (DVC stage levels) pretrains its own base and trains, for every seed of the study
+    ([experts.seed, *replicates.seeds]), an expert for each of ``skills`` and their joint LoRA
+    at the total steps (the experts' recipe); stage level_score scores the base, the experts,
+    the joint LoRA and ``merges`` on every seed. The main study's base is the level
+    synthesize.corpus_skill_fraction: there only the joint LoRAs of ``skills`` are trained,
+    its experts are the main study's."""
 
     fractions: list[float] = Field(min_length=1, description="synthesize.corpus_skill_fraction of each further base")
+    skills: list[str] = Field(min_length=2, description="training skills whose experts are merged at every level (a subset of skills.train)")
     merges: list[str] = Field(min_length=1, description="ΔW merges scored at every level (λ from merge_route.lam_grid)")
-    workers: int = Field(ge=1, description="processes pretraining the levels' bases, then training their adapters, side by side (one torch thread each)")
+    workers: int = Field(ge=1, description="processes pretraining the levels' bases, then training and scoring their adapters, side by side (one torch thread each)")
+
+    @field_validator("skills")
+    @classmethod
+    def _skills(cls, v):
+        return _skill_list(v, "skill")
 
     @field_validator("fractions")
     @classmethod
@@ -722,6 +730,10 @@ def check_across_sections(out: dict, path: str | Path) -> None:
     if syn is not None and skills.heldout and syn.n_heldout == 0:
         raise ParamsError(f"{path}: synthesize.n_heldout is 0 but skills.heldout is {skills.heldout}: each held-out "
                           "skill needs test prompts (stage 01 shows one); give n_heldout >= 1 or hold out no skill")
+    lv = out.get("levels")
+    if lv is not None and set(lv.skills) - set(skills.train):
+        raise ParamsError(f"{path}: levels.skills {[s for s in lv.skills if s not in skills.train]} not in skills.train "
+                          f"{skills.train}: a level merges experts of training skills")
     mr = out.get("merge_route")
     if mr is not None and set(ARROW_ROUTERS) & set(mr.routers) and mr.arrow.top_k > len(skills.train):
         raise ParamsError(f"{path}: merge_route.arrow.top_k {mr.arrow.top_k} is more than the {len(skills.train)} "

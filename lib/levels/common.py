@@ -1,4 +1,4 @@
-"""What the levels' stages share: the params they read, where a level lives, the stage's argument."""
+"""What the levels' stages share: the params they read, where a level's models live, the command line."""
 from __future__ import annotations
 
 import argparse
@@ -8,47 +8,60 @@ from typing import Callable
 
 from lib.core import config
 
-SECTIONS = ["skills", "synthesize", "model", "experts", "evaluation", "merge_route", "levels"]
+SECTIONS = ["skills", "synthesize", "model", "experts", "replicates", "evaluation", "merge_route", "levels"]
+MAIN = "main"
+"""The main study's level (its base, synthesize.corpus_skill_fraction): under models/levels/main
+only the joint LoRAs of ``levels.skills``; its base and experts are the main study's."""
 
 
-def level_dir(root: Path, fraction: str) -> Path:
-    return root / "models" / "levels" / fraction
+def level_name(fraction: float) -> str:
+    """A further level's folder and metrics name: its fraction as ``str(float)`` writes it ("0.0", "0.35")."""
+    return str(float(fraction))
 
 
-def metrics_path(root: Path, fraction: str) -> Path:
-    return root / "metrics" / "levels" / f"{fraction}.json"
+def level_dir(root: Path, name: str) -> Path:
+    return root / "models" / "levels" / name
 
 
-def parse_fraction(fraction: str, levels) -> float:
-    """The stage's argument as one of ``levels.fractions`` (DVC passes the list item as written)."""
-    try:
-        f = float(fraction)
-    except ValueError:
-        raise config.ParamsError(f"level {fraction!r} is not a number; levels.fractions is {levels.fractions}") from None
-    if f not in levels.fractions:
-        raise config.ParamsError(f"level {fraction!r} is not in levels.fractions {levels.fractions}")
-    return f
+def seed_dir(root: Path, name: str, seed: int) -> Path:
+    """One seed's adapters of a level: experts/<skill> (not at the main level) and joint/total_steps."""
+    return level_dir(root, name) / "seeds" / str(seed)
 
 
+def metrics_path(root: Path) -> Path:
+    """Stage level_score's metrics: every level's, keyed by its fraction (:func:`level_name`), the main study's too."""
+    return root / "metrics" / "levels.json"
 
 
-def cli(argv: list[str] | None, doc: str, step: Callable[..., dict], show: Callable[[dict], object],
-        fraction_arg: bool = True) -> int:
-    """A level stage's command line: ``[<fraction>] [--params] [--profile] [--workdir]``; runs
-    ``step([fraction,] workdir, params, profile)`` and prints ``show`` of its result, or one error line."""
+def study_seeds(cfg: dict) -> list[int]:
+    """Every seed of the study, as stage 04 scores them: experts.seed, then replicates.seeds."""
+    return [cfg["experts"].seed, *cfg["replicates"].seeds]
+
+
+def adapter_dirs(root: Path, name: str, seed: int, skills: list[str], main_seed: int) -> dict[str, Path]:
+    """A level's adapters for ``seed``: each skill's expert by name and the joint LoRA (joint_total_steps).
+    At the main level the experts are the main study's (models/experts, models/replicates/<seed>/experts)."""
+    if name == MAIN:
+        experts = root / "models" / ("experts" if seed == main_seed else f"replicates/{seed}/experts")
+    else:
+        experts = seed_dir(root, name, seed) / "experts"
+    return {s: experts / s for s in skills} | {"joint_total_steps": seed_dir(root, name, seed) / "joint" / "total_steps"}
+
+
+def cli(argv: list[str] | None, doc: str, step: Callable[..., dict], show: Callable[[dict], object]) -> int:
+    """A level stage's command line: ``[--params] [--profile] [--workdir]``; runs
+    ``step(workdir, params, profile)`` and prints ``show`` of its result, or one error line."""
     from lib.core import data
     from lib.core.modeling import ModelLoadError
     from lib.core.training import TrainingDiverged
 
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    if fraction_arg:
-        ap.add_argument("fraction", help="one of levels.fractions, as written there")
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--profile", default=None)
     ap.add_argument("--workdir", default=".", help="project root (where params.yaml, datasets/ and models/ are)")
     args = ap.parse_args(argv)
     try:
-        found = step(*([args.fraction] if fraction_arg else []), args.workdir, args.params, args.profile)
+        found = step(args.workdir, args.params, args.profile)
     except (config.ParamsError, data.DataError, ModelLoadError, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,15 +1,16 @@
-"""The merge curve across levels of latent skill knowledge (issue 15), from what the stages wrote:
-``metrics/levels/<fraction>.json`` (stages levels and level_score@<fraction>) and, for the main study's level
-``synthesize.corpus_skill_fraction``, its first seed in ``metrics/merge_route.json`` and
-``metrics/base.json`` (the same single seed as the other levels).
+"""The merge curve across levels of latent skill knowledge (issue 15), from what stage
+``level_score`` wrote: ``metrics/levels.json``, every level by its fraction, the main study's
+level (synthesize.corpus_skill_fraction) included, each scored on every seed of the study with
+the experts of ``levels.skills``.
 
-:func:`table` gives one row per level: the base's worst case (its best study skill, and the
-least well-formed skill), the weakest expert, the joint LoRA at equal total steps and each
-merge (normalised accuracy, 95% prompt-bootstrap interval), and the verdict of "experts +
-merging beat joint training" at that level (:func:`lib.report.claims.verdict` on the best
-merge's and the joint LoRA's intervals, so it can come out either way). Each system's plain
-mean accuracy is there too (``<system>_mean_acc``): normalised accuracy leaves out skills whose
-expert scored 0 and grows as the experts weaken, so at a level with weak experts it flatters.
+:func:`table` gives one row per level: the base's worst case on every training skill (its best
+study skill, and the least well-formed skill), the weakest expert (over skills and seeds), the
+joint LoRA at equal total steps and each merge (normalised accuracy, mean over seeds with its
+95% interval over seeds and prompts), and the verdict of "experts + merging beat joint
+training" at that level (:func:`lib.report.claims.verdict` on the best merge's and the joint
+LoRA's intervals, so it can come out either way). Each system's plain mean accuracy is there
+too (``<system>_mean_acc``): normalised accuracy leaves out skills whose expert scored 0 and
+grows as the experts weaken, so at a level with weak experts it flatters.
 """
 from __future__ import annotations
 
@@ -18,44 +19,38 @@ from pathlib import Path
 
 import pandas as pd
 
+from lib.levels.common import level_name, metrics_path
 from lib.report.claims import Interval, MissingMetric, verdict
 
 JOINT = "joint_total_steps"
 
 
-def _read(path: Path) -> dict:
+def read_levels(root: Path, fractions: list[float]) -> dict[float, dict]:
+    """Each of ``fractions``' metrics from metrics/levels.json; MissingMetric naming what is absent."""
+    path = metrics_path(root)
     if not path.is_file():
-        raise MissingMetric(f"{path}: missing; run its stage (dvc repro)")
-    return json.loads(path.read_text())
-
-
-def main_level(root: Path, merges: list[str]) -> dict:
-    """The main study's first seed in the shape of a level's metrics."""
-    mr, base = _read(root / "metrics" / "merge_route.json"), _read(root / "metrics" / "base.json")
-    systems = {}
-    for name in [JOINT, *(f"merge:{m}" for m in merges)]:
-        if name not in mr["systems"]:
-            raise MissingMetric(f"{root / 'metrics' / 'merge_route.json'}: no system {name!r} (is {name.split(':')[-1]} "
-                                "in merge_route.merges?)")
-        s = mr["systems"][name]
-        systems[name] = {k: s.get(k) for k in ("norm_acc", "norm_lo", "norm_hi", "mean_acc")}
-    return {"base": {"accuracy": base["accuracy"], "well_formed": base["well_formed"],
-                     "max_accuracy": max(base["accuracy"].values())},
-            "expert_own": mr["expert_own"], "systems": systems}
+        raise MissingMetric(f"{path}: missing; run its stage (dvc repro level_score)")
+    found = json.loads(path.read_text())
+    missing = [f for f in fractions if level_name(f) not in found]
+    if missing:
+        raise MissingMetric(f"{path}: no level {missing} (it has {sorted(found)}); rerun stage level_score")
+    return {f: found[level_name(f)] for f in fractions}
 
 
 def table(root: str | Path, fractions: list[float], main_fraction: float, merges: list[str]) -> pd.DataFrame:
     """One row per level, sorted by fraction (see the module docstring)."""
-    root = Path(root)
-    levels = {f: _read(root / "metrics" / "levels" / f"{f}.json") for f in fractions}
-    levels[main_fraction] = main_level(root, merges)
+    levels = read_levels(Path(root), [*fractions, main_fraction])
     rows = []
     for f in sorted(levels):
         m = levels[f]
-        row = {"fraction": f, "main": f == main_fraction, "base_max": m["base"]["max_accuracy"],
+        row = {"fraction": f, "main": f == main_fraction, "n_seeds": len(m["expert_own"]), "base_max": m["base"]["max_accuracy"],
                "base_well_formed_min": min(m["base"]["well_formed"].values()),
-               "expert_min": min(m["expert_own"].values())}
-        for name, s in m["systems"].items():
+               "expert_min": min(a for seed in m["expert_own"].values() for a in seed.values())}
+        for name in [JOINT, *(f"merge:{x}" for x in merges)]:
+            if name not in m["systems"]:
+                raise MissingMetric(f"{metrics_path(Path(root))}: level {f:g} has no system {name!r} (is "
+                                    f"{name.split(':')[-1]} in levels.merges? rerun stage level_score)")
+            s = m["systems"][name]
             row[name], row[f"{name}_lo"], row[f"{name}_hi"] = s["norm_acc"], s["norm_lo"], s["norm_hi"]
             # plain mean accuracy too: where experts are weak, dividing by them inflates the normalised value
             row[f"{name}_mean_acc"] = s.get("mean_acc")
@@ -68,6 +63,14 @@ def table(root: str | Path, fractions: list[float], main_fraction: float, merges
             row["merge_beats_joint"] = "inconclusive"
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def per_seed(root: str | Path, fractions: list[float], main_fraction: float) -> pd.DataFrame:
+    """fraction, system, seed, norm_acc: each seed's value behind the table's intervals."""
+    levels = read_levels(Path(root), [*fractions, main_fraction])
+    return pd.DataFrame([{"fraction": f, "system": name, "seed": int(seed), "norm_acc": v}
+                         for f, m in sorted(levels.items()) for name, s in m["systems"].items()
+                         for seed, v in s["norm_per_seed"].items()])
 
 
 def long(tab: pd.DataFrame) -> pd.DataFrame:
@@ -101,7 +104,9 @@ def figure(tab: pd.DataFrame):
         if pd.notna(r[r.best_merge]) and pd.notna(r[JOINT]):
             parts.append(f"level {r.fraction:g}: best merge ({r.best_merge.split(':', 1)[1]}) {r[r.best_merge]:.3f}, joint "
                          f"{r[JOINT]:.3f}, {r.merge_beats_joint}; base ≤ {r.base_max:.2f}, weakest expert {r.expert_min:.2f}")
-    cap = ("One seed per level, 95% intervals over test prompts. 'Experts + merging beat joint training' "
+    n = int(tab.n_seeds.min())
+    cap = (f"{n} seeds per level, the experts of levels.skills merged; 95% intervals over seeds and test prompts. "
+           "'Experts + merging beat joint training' "
            + (f"held at level(s) {', '.join(f'{x:g}' for x in held)}" if held else "held at no level")
            + ". " + "; ".join(parts) + ".")
     return fig, cap

@@ -1,12 +1,18 @@
-"""Stage ``level_score@<fraction>``: score a level trained by stage ``levels`` (:mod:`lib.levels.train`).
+"""Stage ``level_score``: score every level trained by stage ``levels`` (:mod:`lib.levels.train`),
+the main study's level included.
 
-    python -m lib.levels.score 0.35   -> metrics/levels/0.35.json
+    python -m lib.levels.score   -> metrics/levels.json: every level by its fraction (the main study's too)
 
-The base (accuracy and well-formed answers per skill), every expert on its own skill, the joint
-LoRA at the total steps and ``levels.merges`` (λ chosen on validation from
-``merge_route.lam_grid``), on the skills' test prompts, as stage 04 scores them (normalised
-accuracy with 95% prompt-bootstrap intervals). A separate stage from the training so that a
-merge parameter rescores a level without retraining it.
+Per level: the base on every training skill (accuracy and well-formed answers; it must fail
+them all at every level), and on every seed of the study the experts of ``levels.skills`` on
+their own skill, their joint LoRA at the total steps and ``levels.merges`` (λ chosen on
+validation from ``merge_route.lam_grid``), on those skills' test prompts, as stage 04 scores
+them. A system's normalised accuracy is the mean over seeds of each seed's (its own experts
+as denominators) with a 95% interval from the two-stage bootstrap over seeds and prompts
+(:func:`lib.core.stats.seed_macro_ci`), as stage 04's intervals; per-seed values are kept.
+Every (level, seed) is a job in ``levels.workers`` processes with one torch thread each, so
+a seed's numbers do not depend on the number of workers. A separate stage from the training,
+so that a merge parameter rescores the levels without retraining them.
 """
 from __future__ import annotations
 
@@ -16,50 +22,123 @@ import time
 from pathlib import Path
 
 from lib.core import config, data, io
-from lib.levels.common import cli, SECTIONS, level_dir, metrics_path, parse_fraction
+from lib.levels.common import MAIN, SECTIONS, adapter_dirs, cli, level_dir, level_name, metrics_path, study_seeds
+
+JOINT = "joint_total_steps"
 
 
-def score(cfg: dict, out: Path, root: Path = Path(".")) -> dict:
-    """The level's base, experts, joint LoRA and merges on the skills' test prompts."""
+def _level_cfg(cfg: dict) -> dict:
+    """The params a level is scored with: its skills as the training skills, its merges as stage 04's."""
+    lv = cfg["levels"]
+    return {**cfg, "skills": cfg["skills"].model_copy(update={"train": list(lv.skills)}),
+            "merge_route": cfg["merge_route"].model_copy(update={"merges": list(lv.merges)})}
+
+
+def score_base(cfg: dict, base_dir: Path, root: Path) -> dict:
+    """The level's base on every training skill's test prompts: accuracy and well-formed share per skill."""
+    from lib.core.bench import Bench, System
+    from lib.core.modeling import load_on_device
     from lib.experts.base import well_formed
+
+    model, tok = load_on_device(base_dir)
+    bench = Bench(tok, {"skills": data.test_sets(root, cfg["skills"])["skills"]}, cfg["evaluation"])
+    res = bench.score(System("base", "base", model))["skills"]
+    acc = res.per_skill().set_index("skill").accuracy
+    wf = well_formed(res.examples)
+    names = cfg["skills"].train
+    return {"accuracy": {s: float(acc[s]) for s in names}, "well_formed": {s: float(wf[s]) for s in names},
+            "max_accuracy": float(acc[list(names)].max())}
+
+
+def score_seed(cfg: dict, base_dir: Path, dirs: dict[str, Path], root: Path) -> dict:
+    """One seed of a level: its experts, joint LoRA and merges on the level's skills. Returns each
+    system's examples, the experts' accuracy on their own skill and each merge's chosen λ."""
+    from lib.core.bench import seed_everything
     from lib.merge import stage as MS
 
-    merge_cfg = {**cfg, "merge_route": cfg["merge_route"].model_copy(update={"merges": cfg["levels"].merges})}
-    names = cfg["skills"].train
-    dirs = {s: out / "experts" / s for s in names} | {"joint_total_steps": out / "joint" / "total_steps"}
-    st = MS.load(merge_cfg, out / "base", dirs, root, test_sets=("skills",))
+    cfg = _level_cfg(cfg)
+    seed_everything(cfg["merge_route"].seed)
+    st = MS.load(cfg, base_dir, dirs, root, test_sets=("skills",))
     expert_acc = MS.score_references(st)
     MS.score_merges(st)
-    board = st.bench.leaderboard(expert_acc).set_index("system")
-    per = st.bench.per_skill()
-    base_acc = per[per.system == "base"].set_index("skill").accuracy
-    wf = well_formed(st.bench.results[("base", "skills")].examples)
-    systems = {name: {k: round(float(board.loc[name, k]), 4) for k in ("norm_acc", "norm_lo", "norm_hi", "mean_acc")}
-               for name in ["joint_total_steps", *(f"merge:{m}" for m in cfg["levels"].merges)]}
-    return {"base": {"accuracy": {s: float(base_acc[s]) for s in names}, "well_formed": {s: float(wf[s]) for s in names},
-                     "max_accuracy": float(base_acc.max())},
-            "expert_own": expert_acc, "systems": systems, "chosen_lambda": st.found["chosen_lambda"]}
+    names = [JOINT, *(f"merge:{m}" for m in cfg["merge_route"].merges)]
+    return {"examples": {n: st.bench.results[(n, "skills")].examples for n in names}, "expert_acc": expert_acc,
+            "chosen_lambda": st.found["chosen_lambda"]}
 
 
-def score_level(fraction: str, root: str | Path = ".", params: str = "params.yaml", profile: str | None = None) -> dict:
-    """Score the trained level (:func:`score`) into metrics/levels/<fraction>.json."""
+def run_job(job: dict) -> dict:
+    """A worker's entry point: one level's base (``job["seed"]`` None) or one seed, on one torch thread."""
+    from lib.core.training import one_cpu_thread
+
+    one_cpu_thread()
+    io.quiet_notebook()
+    root = Path(job["root"])
+    cfg = config.load(SECTIONS, Path(job["params"]), job["profile"])
+    t0 = time.perf_counter()
+    if job["seed"] is None:
+        out = score_base(cfg, Path(job["base"]), root)
+    else:
+        out = score_seed(cfg, Path(job["base"]), adapter_dirs(root, job["level"], job["seed"], list(cfg["levels"].skills),
+                                                              cfg["experts"].seed), root)
+    return {**out, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def summarise(seeds: dict[int, dict], merges: list[str], n_boot: int) -> dict:
+    """Each system's normalised and plain mean accuracy over seeds (interval over seeds and prompts,
+    per-seed values), and the experts per seed."""
+    from lib.core.stats import seed_macro_ci
+
+    systems = {}
+    for name in [JOINT, *(f"merge:{m}" for m in merges)]:
+        ex = [s["examples"][name] for s in seeds.values()]
+        norm = seed_macro_ci(ex, [s["expert_acc"] for s in seeds.values()], n_boot)
+        plain = seed_macro_ci(ex, None, n_boot)
+        r4 = lambda v: None if v is None else round(float(v), 4)  # noqa: E731
+        systems[name] = {"norm_acc": r4(norm["mean"]), "norm_lo": r4(norm["lo"]), "norm_hi": r4(norm["hi"]),
+                         "norm_per_seed": {str(k): r4(v) for k, v in zip(seeds, norm["per_seed"])},
+                         "mean_acc": r4(plain["mean"]), "n_seeds": norm["n"]}
+    return {"systems": systems, "expert_own": {str(k): s["expert_acc"] for k, s in seeds.items()},
+            "chosen_lambda": {str(k): s["chosen_lambda"] for k, s in seeds.items()}}
+
+
+def score_all(root: str | Path = ".", params: str = "params.yaml", profile: str | None = None) -> dict:
+    """Score every level (:func:`run_job` per level base and per level and seed) into
+    metrics/levels.json; returns them by level name (the fraction as ``str(float)`` writes it)."""
+    from lib.core.pool import pool_map
+
     root = Path(root)
     cfg = config.load(SECTIONS, root / params, profile)
-    f = parse_fraction(fraction, cfg["levels"])
-    out = level_dir(root, fraction)
-    if not (out / "level_info.json").is_file():
-        raise data.DataError(f"{out}: level not trained; run `dvc repro levels`")
+    levels = {level_name(f): float(f) for f in cfg["levels"].fractions} | {MAIN: cfg["synthesize"].corpus_skill_fraction}
+    for name in levels:
+        if not (level_dir(root, name) / "level_info.json").is_file():
+            raise data.DataError(f"{level_dir(root, name)}: level not trained; run `dvc repro levels`")
+    seeds = study_seeds(cfg)
+    common = {"root": str(root.resolve()), "params": str((root / params).resolve()), "profile": profile}
+    jobs = []
+    for name in levels:
+        base = root / "models" / "base" if name == MAIN else level_dir(root, name) / "base"
+        jobs += [{**common, "level": name, "seed": s, "base": str(base.resolve())} for s in [None, *seeds]]
     t0 = time.perf_counter()
-    found = score(cfg, out, root)
-    trained = json.loads((out / "level_info.json").read_text())
-    found.update(fraction=f, base_final_loss=trained["base_final_loss"], steps_run=trained["steps_run"],
-                 seconds={**trained["seconds"], "score": round(time.perf_counter() - t0, 1)})
-    io.write_json(metrics_path(root, fraction), found)
+    results = pool_map(run_job, jobs, cfg["levels"].workers)
+    wall = round(time.perf_counter() - t0, 1)
+    found = {}
+    for name, f in levels.items():
+        mine = {j["seed"]: r for j, r in zip(jobs, results) if j["level"] == name}
+        trained = json.loads((level_dir(root, name) / "level_info.json").read_text())
+        found[level_name(f)] = {
+            "fraction": f, "main": name == MAIN, "skills": list(cfg["levels"].skills), "seeds": seeds,
+            "base": {k: mine[None][k] for k in ("accuracy", "well_formed", "max_accuracy")},
+            **summarise({s: mine[s] for s in seeds}, list(cfg["levels"].merges), cfg["evaluation"].n_boot),
+            "base_final_loss": trained["base_final_loss"], "steps_run": trained["steps_run"],
+            "seconds": {**trained["seconds"], "score_jobs": round(sum(r["seconds"] for r in mine.values()), 1),
+                        "stage_score": wall}}
+    io.write_json(metrics_path(root), found)
     return found
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli(argv, __doc__, score_level, lambda found: {k: found[k] for k in ("fraction", "systems")})
+    return cli(argv, __doc__, score_all, lambda found: {n: {k: v["norm_acc"] for k, v in m["systems"].items()}
+                                                       for n, m in found.items()})
 
 
 if __name__ == "__main__":

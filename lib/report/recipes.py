@@ -63,30 +63,35 @@ def recipe_row(root: str | Path, note: str = "") -> dict:
 
 
 def level_rows(root: str | Path, note: str = "") -> list[dict]:
-    """One row per level of ``levels.fractions`` (stage level_score@<fraction>): the run's recipe
-    with that corpus fraction, and the level's measured results (no routers at a level)."""
+    """One row per level of ``levels.fractions`` (stage level_score): the run's recipe with that
+    corpus fraction, and the level's measured results (the experts of ``levels.skills``, means
+    over the study's seeds; no routers at a level)."""
     import statistics
+
+    from lib.levels.curve import read_levels
 
     root = Path(root)
     params = read_yaml(root / "params.yaml")
     recipe = {k: v for k, v in recipe_row(root).items() if "." in k}  # the run's recipe columns, read once
     rows = []
-    for f in (params.get("levels") or {}).get("fractions", []):
-        m = read_json(root / "metrics" / "levels" / f"{f}.json")
+    for f, m in read_levels(root, (params.get("levels") or {}).get("fractions", [])).items():
         row = dict(recipe)
         row["synthesize.corpus_skill_fraction"] = f
         merges = {k: v["norm_acc"] for k, v in m["systems"].items() if k.startswith("merge:") and v["norm_acc"] is not None}
         best = max(merges, key=merges.get, default=None)
+        own = [a for seed in m["expert_own"].values() for a in seed.values()]
         row.update({
             "base_max": m["base"]["max_accuracy"],
-            "expert_own_min": min(m["expert_own"].values()),
-            "expert_own_median": statistics.median(m["expert_own"].values()),
+            "expert_own_min": min(own),
+            "expert_own_median": statistics.median(own),
             "best_merge": best, "best_merge_norm_acc": merges.get(best),
             "task_arithmetic_norm_acc": m["systems"].get("merge:task_arithmetic", {}).get("norm_acc"),
             "ties_norm_acc": m["systems"].get("merge:ties", {}).get("norm_acc"),
             "best_router_norm_acc": None,
             "joint_total_norm_acc": m["systems"]["joint_total_steps"]["norm_acc"],
-            "note": note, "source": f"level {f} (stage levels) of a full dvc repro (python -m lib.report.recipes record --levels)",
+            "note": note, "source": (f"level {f} (stage levels: experts of {','.join(m['skills'])}, mean over "
+                                     f"{len(m['expert_own'])} seeds) of a full dvc repro "
+                                     "(python -m lib.report.recipes record --levels)"),
         })
         rows.append(row)
     return rows
