@@ -65,3 +65,18 @@ def test_singular_task_interference_is_zero_for_orthogonal_tasks_and_the_formula
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(6, 5, generator=g, dtype=torch.float64), torch.randn(6, 5, generator=g, dtype=torch.float64)
     assert abs(singular_task_interference([a, b])["sti"] - singular_task_interference([-a, b])["sti"]) < 1e-9
+
+
+def test_sti_table_has_one_row_per_shared_module_with_its_type():
+    import torch
+
+    from lib.merge.diagnostics import singular_task_interference, sti_table
+
+    g = torch.Generator().manual_seed(0)
+    r = lambda: torch.randn(5, 1, generator=g) @ torch.randn(1, 4, generator=g)  # noqa: E731
+    tvs = {"a": {"layers.0.q_proj": r(), "layers.0.v_proj": r(), "layers.1.q_proj": r()},
+           "b": {"layers.0.q_proj": r(), "layers.0.v_proj": r()}}  # b does not adapt layers.1.q_proj
+    tab = sti_table(tvs)
+    assert tab.module.tolist() == ["layers.0.q_proj", "layers.0.v_proj"] and tab.module_type.tolist() == ["q_proj", "v_proj"]
+    expected = singular_task_interference([tvs["a"]["layers.0.v_proj"], tvs["b"]["layers.0.v_proj"]])["relative"]
+    assert abs(tab.relative.iloc[1] - expected) < 1e-12 and (tab.relative > 0).all()

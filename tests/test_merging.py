@@ -8,12 +8,17 @@ import math
 import pytest
 import torch
 
+from lib.core import config
 from lib.merge import task_vectors as M
 from lib.merge.methods import MERGE_METHODS
 from lib.merge.methods.breadcrumbs import breadcrumbs, breadcrumbs_mask
 from lib.merge.methods.dare_linear import dare_linear
 from lib.merge.methods.dare_ties import dare_ties
+from lib.merge.methods.cart import cart
+from lib.merge.methods.della import della, magprune
 from lib.merge.methods.iso_c import iso_c
+from lib.merge.methods.iso_cts import iso_cts
+from lib.merge.methods.knots import align, knots_dare, knots_ties
 from lib.merge.methods.tsv_m import tsv_m
 from lib.merge.methods.linear import linear
 from lib.merge.methods.magnitude_prune import magnitude_prune
@@ -244,13 +249,108 @@ def test_spectral_merges_cut_float32_lora_updates_at_their_rank():
     assert float(q2[4]) < 1e-4 * float(q2[0])  # the merge of two rank-2 updates has rank 4
 
 
+def test_iso_cts_is_the_papers_merge_on_full_rank_updates():
+    """T = 2 full-rank 6×6 updates, f = 0.5: each task gets round((6 − ⌊0.5·6⌋) / 2) = 2 directions,
+    the common subspace the sum's top 6 − 2·2 = 2; each update with the common left subspace
+    projected out gives its top 2; stacked, Procrustes-orthonormalised, every σ set to the stacked mean
+    (FusionBench's iso_cts, written out here)."""
+    ds = [_full(6, 6, s) for s in (4, 5)]
+    u, s, vh = torch.linalg.svd(sum(ds), full_matrices=False)
+    per_task = round((6 - 3) / 2)
+    k_c = 6 - 2 * per_task
+    us, ss, vs = [u[:, :k_c]], [s[:k_c]], [vh[:k_c]]
+    for d in ds:
+        tu, ts, tvh = torch.linalg.svd(d - u[:, :k_c] @ u[:, :k_c].T @ d, full_matrices=False)
+        us.append(tu[:, :per_task]), ss.append(ts[:per_task]), vs.append(tvh[:per_task])
+    ref = torch.cat(ss).mean() * _procrustes(torch.cat(us, 1)) @ _procrustes(torch.cat(vs, 0))
+    close(iso_cts(ds, common_space_fraction=0.5), ref)
+    # all of the rank common: Iso-C
+    close(iso_cts(ds, common_space_fraction=1.0), iso_c(ds))
+
+
+def test_iso_cts_gives_low_rank_tasks_their_own_directions():
+    """Three rank-2 updates (sum of rank 6): with f = 0.5 the common subspace is 6 − 3·round(3/3) = 3
+    directions of the sum and each task adds 1 of its own; the result stays in the tasks' span
+    and has a flat spectrum over 6 directions."""
+    ds = [_low_rank(9, 8, 2, 20 + i) for i in range(3)]
+    out = iso_cts(ds, common_space_fraction=0.5)
+    sv = torch.linalg.svdvals(out)
+    close(sv[:6], torch.full((6,), float(sv[0]), dtype=torch.float64))
+    assert float(sv[6]) < 1e-10
+    q = torch.linalg.svd(torch.cat(ds, 1), full_matrices=False)[0][:, :6]
+    close(q @ (q.T @ out), out)
+
+
+def test_cart_is_the_average_plus_low_rank_centred_tasks():
+    """CART on full-rank 5×4 updates, k = round(0.5·4) = 2: τ̄ + λ Σ SVD_2(ΔW_i − τ̄); at full rank
+    the centred updates cancel and CART is the average whatever λ."""
+    ds = [_full(5, 4, s) for s in range(3)]
+    mean = sum(ds) / 3
+
+    def low_rank(x, k):
+        u, s, vh = torch.linalg.svd(x, full_matrices=False)
+        return u[:, :k] @ torch.diag(s[:k]) @ vh[:k]
+
+    close(cart(ds, [0.7] * 3, rank_ratio=0.5), mean + 0.7 * sum(low_rank(d - mean, 2) for d in ds))
+    close(cart(ds, [0.7] * 3, rank_ratio=1.0), mean)
+    close(cart([T1, T2], [2.0, 2.0], rank_ratio=0.5), (T1 + T2) / 2)  # a vector: no rank to cut
+    with pytest.raises(ValueError, match="rank_ratio"):
+        cart(ds, rank_ratio=0.0)
+
+
+def test_della_prunes_by_magnitude_rank_and_fuses_the_agreeing_entries():
+    """magprune: keep probabilities density ± epsilon spread by magnitude rank within each row, the
+    kept row set rescaled to the input's L1 norm; with epsilon 0 and density 1 nothing is dropped.
+    DELLA then elects signs and takes the weighted mean of the agreeing entries, times mean(w)."""
+    a, b = T([[3.0, -1.0, 0.5, 2.0]]), T([[-2.0, -4.0, 1.0, 1.0]])
+    # density 1: no drop; elected signs + - + + (sums 1, -5, 1.5, 3); agreeing means
+    close(della([a, b], density=1.0, epsilon=0.0), T([[3.0, -2.5, 0.75, 1.5]]))
+    close(della([a, b], [0.5, 0.5], density=1.0, epsilon=0.0), 0.5 * T([[3.0, -2.5, 0.75, 1.5]]))
+    # unequal weights: sign of Σ w_i τ_i, mean weighted by the agreeing weights, times mean(w)
+    close(della([a, b], [1.0, 3.0], density=1.0, epsilon=0.0),
+          2.0 * T([[-2.0, (-1.0 - 12.0) / 4, (0.5 + 3.0) / 4, (2.0 + 3.0) / 4]]))
+    # the keep probabilities: rank 1 (smallest) gets density - eps, rank n the most
+    torch.manual_seed(0)
+    x = torch.arange(1.0, 101.0).repeat(4000, 1)  # 4000 rows of magnitudes 1..100
+    kept = (magprune(x, 0.5, 0.3) != 0).float().mean(dim=0)
+    assert abs(float(kept[0]) - 0.2) < 0.03 and abs(float(kept[-1]) - 0.8) < 0.03 and abs(float(kept[49]) - 0.5) < 0.03
+    y = magprune(x[:1], 0.5, 0.3)
+    close(y.abs().sum(), x[:1].abs().sum())  # L1 norm kept
+    with pytest.raises(ValueError, match="density ± epsilon"):
+        della([a, b], density=0.1, epsilon=0.2)
+
+
+def test_knots_aligns_the_tasks_in_one_basis():
+    """align: ΔW_i = U Σ V_iᵀ for every task (one shared U Σ); KnOTS-TIES is TIES on the coordinates,
+    mapped back by U Σ."""
+    ds = [_low_rank(7, 5, 2, 30 + i) for i in range(3)]
+    u, s, coords = align(ds)
+    assert s.numel() == 6
+    for d, c in zip(ds, coords):
+        close(u @ torch.diag(s) @ c, d)
+    merged = knots_ties(ds, density=1.0)
+    expected = u @ torch.diag(s) @ M.MERGE_METHODS["ties"](coords, density=1.0)
+    close(merged, expected)
+    # orthogonal tasks (disjoint rows and columns): aligned coordinates never overlap, so the
+    # disjoint mean keeps each task whole: KnOTS-TIES at density 1 is their sum
+    e = torch.eye(6, dtype=torch.float64)
+    orth = [3.0 * torch.outer(e[0], e[1]), 2.0 * torch.outer(e[2], e[3])]
+    close(knots_ties(orth, density=1.0), sum(orth))
+    torch.manual_seed(0)
+    out = knots_dare(ds, density=0.5)
+    q = torch.linalg.svd(torch.cat(ds, 1), full_matrices=False)[0][:, :6]
+    close(q @ (q.T @ out), out)  # columns stay in the tasks' span
+
+
 # ---------------------------------------------------------------- edge cases
 
-DENSITY_METHODS = ["ties", "dare_linear", "dare_ties", "magnitude_prune", "breadcrumbs"]
+DENSITY_METHODS = ["ties", "dare_linear", "dare_ties", "magnitude_prune", "breadcrumbs", "della", "knots_ties", "knots_dare"]
+OTHER_PARAMS = {"breadcrumbs": {"beta": 0.0}, "della": {"epsilon": 0.0}, "cart": {"rank_ratio": 0.5},
+                "iso_cts": {"common_space_fraction": 0.8}}
 
 
 def _params(name, density):
-    return {"density": density, **({"beta": 0.0} if name == "breadcrumbs" else {})}
+    return {**({"density": density} if name in DENSITY_METHODS else {}), **OTHER_PARAMS.get(name, {})}
 
 
 @pytest.mark.parametrize("name", DENSITY_METHODS)
@@ -262,8 +362,7 @@ def test_density_zero_is_a_zero_update_not_nan(name):
 @pytest.mark.parametrize("name", sorted(MERGE_METHODS.names()))
 def test_single_expert(name):
     # at full density every method returns the single expert itself (linear/TA/others with weight 1)
-    params = _params(name, 1.0) if name in DENSITY_METHODS else {}
-    close(MERGE_METHODS[name]([T1], **params), T1)
+    close(MERGE_METHODS[name]([T1], **_params(name, 1.0)), T1)
 
 
 @pytest.mark.parametrize("name", sorted(MERGE_METHODS.names()))
@@ -272,8 +371,7 @@ def test_experts_of_different_ranks(name):
     d2 = torch.randn(6, 2, generator=g) @ torch.randn(2, 5, generator=g)
     d4 = torch.randn(6, 4, generator=g) @ torch.randn(4, 5, generator=g)
     assert torch.linalg.matrix_rank(d2) == 2 and torch.linalg.matrix_rank(d4) == 4
-    params = _params(name, 0.5) if name in DENSITY_METHODS else {}
-    out = MERGE_METHODS[name]([d2, d4], **params)
+    out = MERGE_METHODS[name]([d2, d4], **_params(name, 0.5))
     assert out.shape == (6, 5) and torch.isfinite(out).all()
     if name == "linear":
         close(out, (d2 + d4) / 2)
@@ -281,7 +379,7 @@ def test_experts_of_different_ranks(name):
 
 @pytest.mark.parametrize("name", sorted(MERGE_METHODS.names()))
 def test_empty_and_mismatched(name):
-    params = _params(name, 0.5) if name in DENSITY_METHODS else {}
+    params = _params(name, 0.5)
     fn = MERGE_METHODS[name]
     with pytest.raises(ValueError, match="empty list"):
         fn([], **params)
@@ -303,7 +401,8 @@ def test_registry_unknown_name_lists_known():
     for name in MERGE_METHODS.names():
         assert name in str(e.value)
     assert set(MERGE_METHODS.names()) == {"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties",
-                                    "magnitude_prune", "breadcrumbs", "iso_c", "tsv_m"}
+                                    "magnitude_prune", "breadcrumbs", "iso_c", "tsv_m", "iso_cts", "cart", "della",
+                                    "knots_ties", "knots_dare"}
 
 
 def test_merge_task_vectors_params_and_missing_modules():
@@ -438,3 +537,27 @@ def test_merged_lora_model_matches_apply_merged(tiny):
         low = M.merged_lora_model(clean, merged, rank=1)(ids).logits
     close(got, want, atol=1e-5, rtol=1e-4)
     assert not torch.allclose(low, want, atol=1e-5)
+
+
+def test_global_trim_ranks_over_the_whole_task_vector():
+    """trim_scope global: each expert keeps its top int(density · n) entries over all its modules (the TIES
+    paper); per module, each module keeps its own top share. A module of large entries and one of
+    small ones tell them apart: globally the small module is trimmed away."""
+    big, small = T([[4.0, -3.0, 2.0, 1.0]]), T([[0.4, -0.3, 0.2, 0.1]])
+    tvs = {"x": {"a": big, "b": small}, "y": {"a": -0.5 * big, "b": 2.0 * small}}
+    glob = M.merge_task_vectors(tvs, "ties", density=0.5, trim_scope="global")
+    # x keeps 4 of 8 entries: all of module a; y its 4 largest: -2, 1.5, -1 (a) and 0.8 (b)
+    close(glob["a"], T([[4.0, -3.0, 2.0, 1.0]]))  # a: x's entries win every election (sum sign)
+    close(glob["b"], T([[0.8, 0.0, 0.0, 0.0]]))
+    per_module = M.merge_task_vectors(tvs, "ties", density=0.5)
+    close(per_module["b"], T([[(0.4 + 0.8) / 2, (-0.3 - 0.6) / 2, 0.0, 0.0]]))
+    # magnitude pruning: the trimmed vectors summed
+    mp = M.merge_task_vectors(tvs, "magnitude_prune", density=0.5, trim_scope="global")
+    close(mp["a"], T([[4.0 - 2.0, -3.0 + 1.5, 2.0 - 1.0, 1.0]]))
+    close(mp["b"], T([[0.8, 0.0, 0.0, 0.0]]))
+    with pytest.raises(ValueError, match="applies to"):
+        M.merge_task_vectors(tvs, "dare_ties", density=0.5, trim_scope="global")
+    with pytest.raises(ValueError, match="'module' or 'global'"):
+        M.merge_task_vectors(tvs, "ties", density=0.5, trim_scope="layer")
+    assert M.method_kwargs("ties", config.make(config.MergeRouteParams, trim_scope="global"))["trim_scope"] == "global"
+    assert "trim_scope" not in M.method_kwargs("dare_ties", config.make(config.MergeRouteParams))

@@ -394,7 +394,11 @@ class MergeRouteParams(Section):
                                   description="global scale λ of each summed merge, chosen on validation")
     density: float = Field(ge=0, le=1, description="fraction of entries kept (TIES, DARE, magnitude, breadcrumbs)")
     beta: float = Field(ge=0, le=1, description="breadcrumbs: fraction of largest entries dropped")
+    epsilon: float = Field(ge=0, lt=1, description="DELLA: keep probabilities spread over density ± epsilon by magnitude rank")
+    rank_ratio: float = Field(gt=0, le=1, description="CART: share of each centred task matrix's rank kept")
+    common_space_fraction: float = Field(ge=0, le=1, description="Iso-CTS: share of the summed update's rank in the common subspace")
     majority_sign_method: Literal["total", "frequency"]
+    trim_scope: Literal["module", "global"] = Field(description="TIES and magnitude pruning: rank entries within each module or over an expert's whole task vector")
     refactor_rank: int | None = Field(ge=1, description="re-factor the best ΔW merge to a LoRA of this rank")
     peft_merges: list[str]
     svd_rank: int = Field(ge=1)
@@ -423,6 +427,9 @@ class MergeRouteParams(Section):
         if "breadcrumbs" in self.merges and self.beta + self.density > 1:
             raise Conflict(f"breadcrumbs needs beta + density <= 1, got beta={self.beta}, density={self.density}",
                            "beta", "density")
+        if "della" in self.merges and 0 < self.density < 1 and not (0 < self.density - self.epsilon and self.density + self.epsilon < 1):
+            raise Conflict(f"della needs density ± epsilon inside (0, 1), got density={self.density}, epsilon={self.epsilon}",
+                           "density", "epsilon")
         return self
 
 

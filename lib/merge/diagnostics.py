@@ -64,6 +64,18 @@ def singular_task_interference(deltas: Sequence[torch.Tensor]) -> dict[str, floa
     return {"sti": sti, "relative": sti / total if total else 0.0}
 
 
+def sti_table(tvs: Mapping[str, Mapping[str, torch.Tensor]]) -> pd.DataFrame:
+    """module, module_type (q_proj, down_proj, ...), sti, relative: :func:`singular_task_interference`
+    of every expert's update of each module they all adapt."""
+    names = list(tvs)
+    modules = sorted(set.intersection(*(set(tvs[n]) for n in names))) if names else []
+    rows = []
+    for m in modules:
+        r = singular_task_interference([tvs[n][m] for n in names])
+        rows.append({"module": m, "module_type": m.split(".")[-1], **r})
+    return pd.DataFrame(rows, columns=["module", "module_type", "sti", "relative"])
+
+
 def _answers(model, tok, rows, settings) -> list[str]:
     res = evaluate(model, tok, rows, settings=settings, progress=False)
     return list(res.examples["prediction"])

@@ -82,10 +82,14 @@ def recipes(rec: pd.DataFrame):
     return fig
 
 
-def interference(cos: pd.DataFrame, error: pd.DataFrame):
-    """Left: cosine similarity of the task vectors. Right: the weight disentanglement error
-    per (α_a, α_b), averaged over the measured pairs and both tasks of each pair."""
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [1.4, 1]})
+def interference(cos: pd.DataFrame, error: pd.DataFrame, sti: pd.DataFrame | None = None):
+    """Left: cosine similarity of the task vectors. Middle: the weight disentanglement error
+    per (α_a, α_b), averaged over the measured pairs and both tasks of each pair. Right (with
+    ``sti``): TSV-M's singular task interference per module, relative to the sum of the singular
+    values, by module type (one dot per layer)."""
+    panels = 3 if sti is not None and len(sti) else 2
+    fig, axes = plt.subplots(1, panels, figsize=(13 + 4 * (panels - 2), 4.8),
+                             gridspec_kw={"width_ratios": [1.4, 1, 1][:panels]})
     sns.heatmap(cos, annot=True, fmt=".2f", cmap="vlag", center=0, vmin=-1, vmax=1, ax=axes[0])
     axes[0].set(title="cosine similarity of the task vectors")
     if len(error):
@@ -93,6 +97,10 @@ def interference(cos: pd.DataFrame, error: pd.DataFrame):
         sns.heatmap(heat, annot=True, fmt=".2f", cmap="magma_r", vmin=0, vmax=1, ax=axes[1])
         axes[1].set(title=f"disentanglement error ({error[['task_a', 'task_b']].drop_duplicates().shape[0]} pairs)",
                     xlabel="α of the second task", ylabel="α of the first task")
+    if panels == 3:
+        sns.stripplot(sti, x="relative", y="module_type", ax=axes[2], size=6, jitter=0.1)
+        axes[2].set(title="singular task interference (TSV-M)", xlabel="STI / Σσ (0: the tasks' subspaces are orthogonal)",
+                    ylabel="")
     fig.tight_layout()
     return fig
 

@@ -313,8 +313,9 @@ def metrics(st: MergeRoute, board: pd.DataFrame, router: dict | None) -> dict:
 
 
 def diagnose(st: MergeRoute) -> dict:
-    """Why the merges interfere: the cosine matrix of the task vectors and the weight
-    disentanglement error on the first ``diagnostics.pairs`` skill pairs (validation prompts)."""
+    """Why the merges interfere: the cosine matrix of the task vectors, the weight
+    disentanglement error on the first ``diagnostics.pairs`` skill pairs (validation prompts)
+    and TSV-M's singular task interference per module."""
     from itertools import combinations, islice
 
     from lib.merge import diagnostics as DG
@@ -328,9 +329,12 @@ def diagnose(st: MergeRoute) -> dict:
     error = DG.disentanglement_error(st.base, st.tok, st.tvs, prompts, pairs, D.grid, st.E) if pairs else pd.DataFrame(
         columns=["task_a", "task_b", "alpha_a", "alpha_b", "task", "error"])
     off = cos.values[~np.eye(len(cos), dtype=bool)]
+    sti = DG.sti_table(st.tvs)
     st.found["diagnostics"] = {
         "cosine": {"mean_offdiag": float(off.mean()), "max_offdiag": float(off.max()), "min_offdiag": float(off.min())},
         "disentanglement_error": {f"{a:g},{b:g}": float(v) for (a, b), v in
                                   error.groupby(["alpha_a", "alpha_b"]).error.mean().items()} if len(error) else {},
-        "pairs": len(pairs)}
-    return {"cosine": cos, "error": error}
+        "pairs": len(pairs),
+        "singular_task_interference": {"mean_relative": float(sti.relative.mean()),
+                                       **{f"{k}_relative": float(v) for k, v in sti.groupby("module_type").relative.mean().items()}}}
+    return {"cosine": cos, "error": error, "sti": sti}

@@ -134,15 +134,50 @@ def task_vectors(model, adapters: Sequence[str] | Mapping[str, str | Path] | Non
 
 def method_kwargs(method: str, section) -> dict:
     """The values of a params section (``merge_route``, ``continual.library``) for the keyword
-    parameters ``method`` takes, by name (``density``, ``beta``, ``majority_sign_method``)."""
+    parameters ``method`` takes, by name (``density``, ``beta``, ``majority_sign_method``), and
+    ``trim_scope`` for the methods it applies to (:data:`GLOBAL_TRIM_METHODS`) when the section has it."""
     fields = getattr(type(section), "model_fields", {})
-    return {k: getattr(section, k) for k in MERGE_METHODS.get(method).params if k in fields}
+    out = {k: getattr(section, k) for k in MERGE_METHODS.get(method).params if k in fields}
+    if method in GLOBAL_TRIM_METHODS and "trim_scope" in fields:
+        out["trim_scope"] = section.trim_scope
+    return out
+
+
+GLOBAL_TRIM_METHODS = ("ties", "magnitude_prune")
+"""The methods that keep each expert's top ``density`` entries by magnitude: for them the
+ranking can run within each module (``trim_scope: module``, peft's and mergekit's per-tensor
+``prune``) or over the expert's whole task vector (``global``, the TIES paper's "top-k% of the
+task vector"). DARE's drop is per entry (no ranking, so no scope); breadcrumbs and DELLA rank
+within a module or a row, as their references do."""
+
+
+def trim_globally(tvs: Mapping[str, Mapping[str, Tensor]], density: float) -> dict[str, dict[str, Tensor]]:
+    """Each expert's task vector kept to its top ``int(density · n)`` entries by magnitude over
+    all its modules together (``n`` entries in all; peft's count and ``topk``), the rest zeroed."""
+    out = {}
+    for e, mods in tvs.items():
+        names = sorted(mods)
+        flat = torch.cat([mods[m].reshape(-1) for m in names])
+        keep = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+        keep[torch.topk(flat.abs(), k=int(density * flat.numel()), largest=True).indices] = True
+        kept, at = {}, 0
+        for m in names:
+            n = mods[m].numel()
+            kept[m] = torch.where(keep[at:at + n].reshape(mods[m].shape), mods[m], torch.zeros_like(mods[m]))
+            at += n
+        out[e] = kept
+    return out
 
 
 def merge_task_vectors(tvs: Mapping[str, Mapping[str, Tensor]], method: str,
                        weights: Sequence[float] | Mapping[str, float] | None = None,
-                       seed: int | None = None, **params) -> dict[str, Tensor]:
+                       seed: int | None = None, trim_scope: str = "module", **params) -> dict[str, Tensor]:
     """Merge experts module by module: ``{module: method([ΔW_expert...], weights, **params)}``.
+
+    ``trim_scope="global"`` (only for :data:`GLOBAL_TRIM_METHODS`) trims each expert's whole
+    task vector first (:func:`trim_globally`) and then runs the method at density 1: its other
+    steps (sign election, disjoint mean, sum) are entry by entry, so the result is the
+    method with a global trim.
 
     ``tvs`` is :func:`task_vectors`' output (expert order is the dict's order); ``weights`` a
     list in that order or a dict by expert name. A module one expert does not adapt counts
@@ -169,6 +204,15 @@ def merge_task_vectors(tvs: Mapping[str, Mapping[str, Tensor]], method: str,
             raise MergeError(f"{method}: weights must name exactly the experts {experts}; "
                              f"missing {missing}, unknown {extra}")
         weights = [weights[e] for e in experts]
+    if trim_scope not in ("module", "global"):
+        raise MergeError(f"{method}: trim_scope must be 'module' or 'global', got {trim_scope!r}")
+    if trim_scope == "global":
+        if method not in GLOBAL_TRIM_METHODS:
+            raise MergeError(f"{method}: trim_scope 'global' applies to {list(GLOBAL_TRIM_METHODS)} only")
+        density = params["density"]
+        if not 0 <= density <= 1:
+            raise MergeError(f"{method}: density is the fraction of entries kept and must be in [0, 1], got {density!r}")
+        tvs, params = trim_globally(tvs, density), {**params, "density": 1.0}
     modules = sorted({m for e in experts for m in tvs[e]})
     devices = sorted({t.device.index for e in experts for t in tvs[e].values() if t.device.type == "cuda"})
 

@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("command", choices=["record"])
     ap.add_argument("--root", default=".")
     ap.add_argument("--note", default="")
-    ap.add_argument("--levels", action="store_true", help="also one row per level (stages level_score@<fraction>)")
+    ap.add_argument("--levels", action="store_true", help="also one row per level (stage level_score)")
     args = ap.parse_args(argv)
     table = record(args.root, args.note, levels=args.levels)
     print(table.tail(1).T.to_string())
