@@ -75,10 +75,13 @@ def run(root: Path, methods: list[str], global_trim: list[str], workers: int) ->
     from lib.core import config
     from lib.core.stats import seed_macro_ci
 
+    from lib.merge.methods import MERGE_METHODS
+
     cfg = config.load(["experts", "replicates", "evaluation", "merge_route"], root / "params.yaml")
-    unknown = [m for m in methods if m not in config.registry.resolve("lib.merge.methods:MERGE_METHODS").names()]
-    if unknown:
-        raise config.ParamsError(f"unknown merge method(s) {unknown}")
+    try:
+        MERGE_METHODS.check(methods), MERGE_METHODS.check(global_trim)
+    except ValueError as e:
+        raise config.ParamsError(str(e)) from None
     seeds = [cfg["experts"].seed, *cfg["replicates"].seeds]
     jobs = [{"root": str(root.resolve()), "seed": s, "methods": methods, "global_trim": global_trim} for s in seeds]
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:

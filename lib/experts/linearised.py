@@ -48,11 +48,15 @@ def positions(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def linear_logits(model, delta: dict[str, Tensor], input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+def linear_logits(model, delta: dict[str, Tensor], input_ids: Tensor, attention_mask: Tensor,
+                  w0: dict[str, Tensor] | None = None) -> Tensor:
     """``f(x; W0) + J_W f(x; W0) · ΔW``: the logits of ``model`` linearised at its own weights
-    ``W0`` and moved along ``delta`` (``{module name: ΔW}``), exactly (no second-order term)."""
+    ``W0`` and moved along ``delta`` (``{module name: ΔW}``), exactly (no second-order term).
+    ``w0``: :func:`adapted_weights` of ``model`` when the caller already has them (a training
+    loop or a generation calls this once per step)."""
     names = list(delta)
-    w0 = adapted_weights(model, {n.split(".")[-1] for n in names})
+    if w0 is None:
+        w0 = adapted_weights(model, {n.split(".")[-1] for n in names})
     missing = [n for n in names if n not in w0]
     if missing:
         raise ValueError(f"modules {missing} are not adapted linear layers of this model")
@@ -77,6 +81,7 @@ class LinearisedLM(torch.nn.Module):
         super().__init__()
         self.base = base
         self.delta = {n: d.detach() for n, d in delta.items()}
+        self.w0 = adapted_weights(base, {n.split(".")[-1] for n in self.delta})
 
     @property
     def generation_config(self):
@@ -89,7 +94,7 @@ class LinearisedLM(torch.nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        return linear_logits(self.base, self.delta, input_ids, attention_mask)
+        return linear_logits(self.base, self.delta, input_ids, attention_mask, self.w0)
 
     def generate(self, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int, eos_token_id, pad_token_id: int,
                  **_ignored) -> SimpleNamespace:
@@ -164,7 +169,7 @@ def train_linearised(model, tok, rows, e, steps: int, seed: int, progress: bool 
     t0, step = time.perf_counter(), 0
     for step in tqdm(range(1, steps + 1), desc="linearised expert", disable=not progress, leave=False):
         ids, mask, labels = (x.to(model.device) for x in next(batches))
-        logits = linear_logits(model, {n: scale * b[n] @ a0[n] for n in w0}, ids, mask)
+        logits = linear_logits(model, {n: scale * b[n] @ a0[n] for n in w0}, ids, mask, w0)
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
         if not torch.isfinite(loss):
             from lib.core.training import TrainingDiverged

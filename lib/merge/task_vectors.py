@@ -45,7 +45,7 @@ import torch
 
 from lib.core.modeling import check_adapter_files
 from lib.merge.methods import MERGE_METHODS
-from lib.merge.methods._checks import MergeError
+from lib.merge.methods._checks import MergeError, _check_density
 
 Tensor = torch.Tensor
 TaskVectors = dict[str, dict[str, Tensor]]  # adapter name -> module name -> ΔW
@@ -209,10 +209,7 @@ def merge_task_vectors(tvs: Mapping[str, Mapping[str, Tensor]], method: str,
     if trim_scope == "global":
         if method not in GLOBAL_TRIM_METHODS:
             raise MergeError(f"{method}: trim_scope 'global' applies to {list(GLOBAL_TRIM_METHODS)} only")
-        density = params["density"]
-        if not 0 <= density <= 1:
-            raise MergeError(f"{method}: density is the fraction of entries kept and must be in [0, 1], got {density!r}")
-        tvs, params = trim_globally(tvs, density), {**params, "density": 1.0}
+        tvs, params = trim_globally(tvs, _check_density(params["density"], method)), {**params, "density": 1.0}
     modules = sorted({m for e in experts for m in tvs[e]})
     devices = sorted({t.device.index for e in experts for t in tvs[e].values() if t.device.type == "cuda"})
 

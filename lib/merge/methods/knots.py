@@ -8,7 +8,7 @@ from peft.utils import merge_utils as mu
 
 from lib.merge.methods import MERGE_METHODS
 from lib.merge.methods._checks import SignMethod, _check, _check_density, _check_sign_method, _quiet_full_density, dare_zero
-from lib.merge.methods._spectral import numerical_rank
+from lib.merge.methods._spectral import svd_cut
 
 Tensor = torch.Tensor
 PAPER = 'Stoica et al. 2025, "Model merging with SVD to tie the KnOTS"'
@@ -21,10 +21,8 @@ def align(deltas: list[Tensor]) -> tuple[Tensor, Tensor, list[Tensor]]:
     ``U Σ``, with its own coordinates ``V_iᵀ`` (rank × n). FusionBench 0.2.33's
     ``subspace_alignment`` does the same with a fixed cut ``σ > 1e-4``; ``bench.reference_merges``
     compares the two."""
-    n = deltas[0].shape[1]
-    u, s, vh = torch.linalg.svd(torch.cat(deltas, dim=1).double(), full_matrices=False)
-    k = numerical_rank(s, (deltas[0].shape[0], n * len(deltas)), torch.finfo(deltas[0].dtype).eps)
-    return u[:, :k], s[:k], list(torch.split(vh[:k], n, dim=1))
+    u, s, vh = svd_cut(torch.cat(deltas, dim=1))
+    return u, s, list(torch.split(vh, deltas[0].shape[1], dim=1))
 
 
 def _knots(deltas: list[Tensor], w: Tensor, merge) -> Tensor:
