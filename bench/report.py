@@ -127,8 +127,8 @@ def merge_md(r: dict) -> list[str]:
         "",
         f"Synthetic rank-{r['rank']} experts on {len(r['target_modules'])} module types of the largest model "
         f"measured (hidden {size['hidden_size']}, {size['parameters']:,} parameters, {size['adapted_parameters']:,} in adapted weights); median time "
-        f"and peak extra resident memory ({r['memory_method']}) over {r['repeats']} repeats (growth in time is "
-        "fitted on the fastest repeat). `extract`: exact "
+        f"over {r['repeats']} repeats (3 for a call over 2 s) and peak extra resident memory ({r['memory_method']}) "
+        "over 2 calls (1 for a call over 2 s); growth in time is fitted on the fastest repeat. `extract`: exact "
         "ΔW of N experts; ΔW methods: `lib.merge.task_vectors.merge_task_vectors`; `apply`: adding a merge to a copy of the "
         "base; peft: `add_weighted_adapter` from the model holding the N adapters.",
         "",

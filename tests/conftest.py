@@ -104,7 +104,7 @@ def add_readme_skill(root: Path) -> str:
 
 def _smoke_project(root: Path, with_readme_skill: bool = False) -> Path:
     make_workdir(root)
-    for d in ("lib", "notebooks", "docs"):
+    for d in ("lib", "notebooks", "docs", "results/linearised"):  # the report reads the committed linearised study
         shutil.copytree(REPO / d, root / d, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy2(REPO / "dvc.yaml", root / "dvc.yaml")
     from lib.cli.profile import apply

@@ -561,3 +561,75 @@ def test_global_trim_ranks_over_the_whole_task_vector():
         M.merge_task_vectors(tvs, "ties", density=0.5, trim_scope="layer")
     assert M.method_kwargs("ties", config.make(config.MergeRouteParams, trim_scope="global"))["trim_scope"] == "global"
     assert "trim_scope" not in M.method_kwargs("dare_ties", config.make(config.MergeRouteParams))
+
+
+def test_merge_variants_score_both_trim_scopes_once():
+    """merge_route.both_trim_scopes: the listed merges once more with the other trim scope."""
+    from lib.merge.stage import merge_variants
+
+    P = config.make(config.MergeRouteParams, merges=["task_arithmetic", "ties"], both_trim_scopes=["ties"])
+    got = [(k, p.trim_scope) for k, p in merge_variants(P)]
+    assert got == [("task_arithmetic", "module"), ("ties", "module"), ("ties@global", "global")]
+    P = P.model_copy(update={"trim_scope": "global"})
+    assert [k for k, _ in merge_variants(P)] == ["task_arithmetic", "ties", "ties@module"]
+
+
+def test_versus_is_the_paired_per_skill_difference_over_seeds():
+    """stage.versus on constructed examples: 2 seeds, 2 skills, 4 prompts each. The new merge is
+    right on every 'a' prompt where TIES is wrong (+1 on a, both seeds) and level on 'b'."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from lib.merge.stage import versus
+
+    def ex(correct_a, correct_b):
+        return pd.DataFrame({"skill": ["a"] * 4 + ["b"] * 4, "prompt": [f"p{i}" for i in range(8)],
+                             "correct": correct_a + correct_b})
+
+    seeds = {s: ({("merge:new", "skills"): ex([1, 1, 1, 1], [1, 0, 1, 0]),
+                  ("merge:ties", "skills"): ex([0, 0, 0, 0], [1, 0, 1, 0]),
+                  ("merge:old", "skills"): ex([0, 0, 0, 0], [0, 0, 0, 0]),
+                  ("joint", "skills"): ex([1, 1, 1, 1], [1, 1, 1, 1])}, {}) for s in (0, 1)}
+    systems = {n: SimpleNamespace(kind="joint" if n == "joint" else "merge") for n in ("merge:new", "merge:ties", "merge:old", "joint")}
+    st = SimpleNamespace(found={"seeds": seeds}, bench=SimpleNamespace(systems=systems), names=["a", "b"],
+                         E=SimpleNamespace(n_boot=200))
+    vs = versus(st, "merge:ties")
+    assert set(vs["systems"]) == {"merge:new", "merge:old"}  # not the baseline, not other kinds
+    new, old = vs["systems"]["merge:new"], vs["systems"]["merge:old"]
+    assert new["skills"]["a"]["mean"] == 1.0 and new["skills"]["a"]["lo"] == 1.0
+    assert new["skills"]["b"]["mean"] == 0.0 and new["skills"]["b"]["lo"] == 0.0 == new["skills"]["b"]["hi"]
+    assert new["better_on"] == ["a"] and new["worse_on"] == []
+    assert old["skills"]["b"]["mean"] == -0.5 and old["worse_on"] == ["b"] and old["better_on"] == []
+    seeds[1][0][("merge:new", "skills")] = ex([1, 1, 1, 1], [1, 0, 1, 0]).iloc[::-1]
+    with pytest.raises(ValueError, match="different a prompts"):
+        versus(st, "merge:ties")
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 16])
+def test_weighted_sum_is_bit_equal_to_peft_task_arithmetic(n):
+    """Task arithmetic, linear and breadcrumbs sum one expert at a time (linear growth in N);
+    the result must be peft's stacked sum to the bit, so no number of the study moves."""
+    from peft.utils import merge_utils as mu
+
+    from lib.merge.methods._checks import weighted_sum
+
+    g = torch.Generator().manual_seed(n)
+    deltas = [torch.randn(64, 96, generator=g) * 1e-2 for _ in range(n)]
+    w = torch.rand(n, generator=g) * 2 - 0.5
+    assert torch.equal(weighted_sum(deltas, w), mu.task_arithmetic(deltas, w))
+    assert torch.equal(task_arithmetic(deltas, w.tolist(), lam=0.7), mu.task_arithmetic(deltas, w * 0.7))
+
+
+def test_retained_is_the_projection_on_each_task_vector():
+    """retained(M, τ_s) = ⟨M, τ_s⟩ / ‖τ_s‖², summed over modules: task arithmetic at λ of
+    orthogonal task vectors keeps exactly λ of each; a merge without a module keeps 0 of it."""
+    from lib.merge.diagnostics import retained
+
+    tvs = {"a": {"m1": torch.tensor([[1.0, 0.0], [0.0, 0.0]]), "m2": torch.tensor([[0.0, 2.0]])},
+           "b": {"m1": torch.tensor([[0.0, 3.0], [0.0, 0.0]]), "m2": torch.tensor([[0.0, 0.0]])}}
+    ta = M.merge_task_vectors(tvs, "task_arithmetic", weights=[0.6, 0.6])
+    half = {"m1": ta["m1"]}  # m2 missing: a's m2 part (4 of its 5 squared norm) is not kept
+    got = retained({"ta": ta, "half": half}, tvs).set_index(["method", "skill"]).retained
+    assert got[("ta", "a")] == pytest.approx(0.6) and got[("ta", "b")] == pytest.approx(0.6)
+    assert got[("half", "a")] == pytest.approx(0.6 * 1 / 5) and got[("half", "b")] == pytest.approx(0.6)

@@ -64,7 +64,8 @@ def test_merge_route_leaderboard_has_every_method(project):
     systems = set(m["systems"])
     skills = smoke_params(project)["skills"]["train"]
     expected = {"base", "joint_same_steps", "joint_total_steps", *(f"expert:{s}" for s in skills),
-                *(f"merge:{x}" for x in p["merges"]), *(f"peft:{x}" for x in p["peft_merges"]),
+                *(f"merge:{x}" for x in p["merges"]), *(f"merge:{x}@global" for x in p["both_trim_scopes"]),
+                *(f"peft:{x}" for x in p["peft_merges"]),
                 "route:oracle", "route:router_top1", "route:arrow", "route:arrow_gks", "route:ensemble",
                 *(f"lorahub→{t}" for t in p["lorahub"]["targets"])}
     assert expected <= systems, expected - systems
@@ -75,7 +76,7 @@ def test_merge_route_leaderboard_has_every_method(project):
     # peft's cat stacks the factors: exactly the weighted sum of the ΔW; linear is not.
     assert m["peft_distance_to_exact"]["cat"] < 1e-4
     assert m["peft_distance_to_exact"]["linear"] > 1e-3
-    assert set(m["chosen_lambda"]) == set(p["merges"])
+    assert set(m["chosen_lambda"]) == set(p["merges"]) | {f"{x}@global" for x in p["both_trim_scopes"]}
     board = (project / "plots" / "merge_route_leaderboard.csv").read_text().splitlines()
     assert len(board) == len(systems) + 1
 

@@ -41,11 +41,15 @@ def system(kind, norm, half=0.01):
             "composed_hi": 0.2, "heldout": 0.05, "heldout_lo": 0.0, "heldout_hi": 0.1}
 
 
+NEW_MERGES = ("tsv_m", "iso_c", "iso_cts", "cart", "della", "knots_ties", "knots_dare")
+
+
 def metrics_fixture() -> dict:
     systems = {"base": system("base", 0.0), "joint_same_steps": system("joint", 0.5),
                "joint_total_steps": system("joint", 0.9), "merge:linear": system("merge", 0.1),
                "merge:task_arithmetic": system("merge", 0.2),
                "merge:ties": system("merge", 0.4), "merge:dare_ties": system("merge", 0.3),
+               **{f"merge:{k}": system("merge", 0.6) for k in NEW_MERGES},
                "peft:svd": system("peft_merge", 0.95), "route:oracle": system("router", 1.0),
                "route:router_top1": system("router", 0.97), "expert:a": system("expert", 0.5)}
     return {
@@ -77,7 +81,9 @@ def test_each_claim_is_computed_from_the_metrics():
             "loc_similarity": INCONCLUSIVE,  # interval includes 0
             "loc_calibration": HELD,
             "cl_forgets": HELD, "cl_replay": HELD,
-            "stability_gap": INCONCLUSIVE}  # depth > 0 but the recovery interval includes 0
+            "stability_gap": INCONCLUSIVE,  # depth > 0 but the recovery interval includes 0
+            # every newer merge 0.6 above TIES 0.4, DARE-TIES 0.3 and task arithmetic 0.2
+            "tsv_m": HELD, "iso": HELD, "knots": HELD, "cart": HELD, "della": HELD}
     assert {k: r["verdict"] for k, r in rows.items()} == want
     assert "peft:svd" in rows["selma"]["measured"] and "0.950" in rows["selma"]["measured"]
 
@@ -101,6 +107,22 @@ THREE_WAYS = {
     "ties_dare": {HELD: lambda m: None,                                        # ties 0.4, dare_ties 0.3 vs 0.2
                   NOT_HELD: lambda m: _set_norm(m, "merge:task_arithmetic", 0.5),
                   INCONCLUSIVE: lambda m: _set_norm(m, "merge:task_arithmetic", 0.35)},  # one above, one below
+    # "beats every baseline": one clear loss refutes it, one overlap leaves it open.
+    "tsv_m": {HELD: lambda m: None,
+              NOT_HELD: lambda m: _set_norm(m, "merge:tsv_m", 0.3),       # above TA 0.2, below TIES 0.4
+              INCONCLUSIVE: lambda m: _set_norm(m, "merge:tsv_m", 0.4)},  # above TA, level with TIES
+    "iso": {HELD: lambda m: None,
+            NOT_HELD: lambda m: _set_norm(m, "merge:iso_cts", 0.1),
+            INCONCLUSIVE: lambda m: _set_norm(m, "merge:iso_c", 0.4)},
+    "knots": {HELD: lambda m: None,
+              NOT_HELD: lambda m: _set_norm(m, "merge:knots_dare", 0.2),    # below DARE-TIES 0.3
+              INCONCLUSIVE: lambda m: _set_norm(m, "merge:knots_ties", 0.4)},
+    "cart": {HELD: lambda m: None,
+             NOT_HELD: lambda m: _set_norm(m, "merge:cart", 0.1),
+             INCONCLUSIVE: lambda m: _set_norm(m, "merge:cart", 0.4)},
+    "della": {HELD: lambda m: None,
+              NOT_HELD: lambda m: _set_norm(m, "merge:della", 0.25),        # below DARE-TIES and TIES
+              INCONCLUSIVE: lambda m: _set_norm(m, "merge:della", 0.4)},
     "loc_sparse": {HELD: lambda m: None,
                    NOT_HELD: lambda m: m["localize"]["recovery"]["full_ft"]["graft"].update({"0.0001": ci(0.8)}),
                    INCONCLUSIVE: lambda m: m["localize"]["recovery"]["full_ft"]["graft"].update({"0.0001": ci(0.95)})},
@@ -296,7 +318,7 @@ def test_null_metrics_are_not_measured_rather_than_a_crash():
 def test_systems_with_null_normalised_accuracy_are_skipped_not_crashed():
     """The smoke profile's experts can score 0, which makes normalised accuracy null."""
     m = metrics_fixture()
-    for name in ("peft:svd", "merge:ties"):
+    for name in ("peft:svd", "merge:ties", *(f"merge:{k}" for k in NEW_MERGES)):
         m["merge_route"]["systems"][name].update(norm_acc=None, norm_lo=None, norm_hi=None, composed=None)
     head = report.headline(m).set_index("system")
     assert head.loc["best merge", "what"] == "merge:dare_ties"

@@ -385,6 +385,12 @@ class DiagnosticsParams(Section):
     n_prompts: int = Field(ge=1, description="validation prompts per skill")
 
 
+# The merges whose trim ranks entries by magnitude, so it can run per module or over the whole
+# task vector (lib.merge.task_vectors.merge_task_vectors' trim_scope). Here, not there, so that
+# validating params does not import the merge code.
+GLOBAL_TRIM_METHODS = ("ties", "magnitude_prune")
+
+
 class MergeRouteParams(Section):
     """Stage 04: merging methods (weight-update space and peft's adapter space) and routers."""
 
@@ -399,6 +405,8 @@ class MergeRouteParams(Section):
     common_space_fraction: float = Field(ge=0, le=1, description="Iso-CTS: share of the summed update's rank in the common subspace")
     majority_sign_method: Literal["total", "frequency"]
     trim_scope: Literal["module", "global"] = Field(description="TIES and magnitude pruning: rank entries within each module or over an expert's whole task vector")
+    both_trim_scopes: list[str] = Field(default_factory=list,
+                                        description="merges also scored with the other trim scope, as merge:<method>@<scope>")
     refactor_rank: int | None = Field(ge=1, description="re-factor the best ΔW merge to a LoRA of this rank")
     peft_merges: list[str]
     svd_rank: int = Field(ge=1)
@@ -427,6 +435,10 @@ class MergeRouteParams(Section):
         if "breadcrumbs" in self.merges and self.beta + self.density > 1:
             raise Conflict(f"breadcrumbs needs beta + density <= 1, got beta={self.beta}, density={self.density}",
                            "beta", "density")
+        wrong = [m for m in self.both_trim_scopes if m not in self.merges or m not in GLOBAL_TRIM_METHODS]
+        if wrong:
+            raise Conflict(f"both_trim_scopes: {wrong} must be in merges and among {list(GLOBAL_TRIM_METHODS)}",
+                           "both_trim_scopes", "merges")
         if "della" in self.merges and 0 < self.density < 1 and not (0 < self.density - self.epsilon and self.density + self.epsilon < 1):
             raise Conflict(f"della needs density ± epsilon inside (0, 1), got density={self.density}, epsilon={self.epsilon}",
                            "density", "epsilon")

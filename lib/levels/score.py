@@ -31,7 +31,7 @@ def _level_cfg(cfg: dict) -> dict:
     """The params a level is scored with: its skills as the training skills, its merges as stage 04's."""
     lv = cfg["levels"]
     return {**cfg, "skills": cfg["skills"].model_copy(update={"train": list(lv.skills)}),
-            "merge_route": cfg["merge_route"].model_copy(update={"merges": list(lv.merges)})}
+            "merge_route": cfg["merge_route"].model_copy(update={"merges": list(lv.merges), "both_trim_scopes": []})}
 
 
 def score_base(cfg: dict, base_dir: Path, root: Path) -> dict:

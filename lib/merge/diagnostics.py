@@ -15,6 +15,12 @@
   ``‖(UᵀU − I) Σ (VᵀV − I)‖₁`` with ``U``, ``Σ``, ``V`` every task's singular vectors and
   values side by side (each task cut at its numerical rank, as in ``tsv_m``). Zero when the
   tasks' singular subspaces are orthogonal; also given relative to ``‖Σ‖₁``.
+* :func:`retained`: how much of each expert's update a merge keeps, ``⟨M, τ_s⟩ / ‖τ_s‖²``
+  over all modules (the merge at its chosen λ projected on the expert's task vector): 1 means
+  the merge moves the weights along skill s as far as the expert did. Task arithmetic at λ
+  with orthogonal task vectors keeps λ of each; trimming, dropping and spectral reshaping keep
+  different shares of different skills, which is what the per-skill accuracies can be read
+  against.
 
 Hand-written: the formulas are a few lines on top of :mod:`lib.merge.task_vectors` and the
 evaluation harness; no installable library computes them for LoRA task vectors.
@@ -62,6 +68,19 @@ def singular_task_interference(deltas: Sequence[torch.Tensor]) -> dict[str, floa
     sti = float(((u.T @ u - eye) @ torch.diag(s) @ (v.T @ v - eye)).abs().sum())
     total = float(s.abs().sum())
     return {"sti": sti, "relative": sti / total if total else 0.0}
+
+
+def retained(merged_by: Mapping[str, Mapping[str, torch.Tensor]],
+             tvs: Mapping[str, Mapping[str, torch.Tensor]]) -> pd.DataFrame:
+    """method, skill, retained: ``Σ_m ⟨M_m, τ_s,m⟩ / Σ_m ‖τ_s,m‖²`` for every merge in ``merged_by``
+    ({method: {module: ΔW}}) and every expert in ``tvs``; modules a merge lacks count as 0."""
+    rows = []
+    for method, merged in merged_by.items():
+        for skill, tv in tvs.items():
+            den = sum(float((t.double() ** 2).sum()) for t in tv.values())
+            num = sum(float((merged[m].double() * t.double()).sum()) for m, t in tv.items() if m in merged)
+            rows.append({"method": method, "skill": skill, "retained": num / den if den else float("nan")})
+    return pd.DataFrame(rows, columns=["method", "skill", "retained"])
 
 
 def sti_table(tvs: Mapping[str, Mapping[str, torch.Tensor]]) -> pd.DataFrame:

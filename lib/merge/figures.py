@@ -123,3 +123,31 @@ def seeds(table: pd.DataFrame):
            title=f"every system on {int(t.n_seeds.max())} seeds")
     ax.axvline(1.0, color="grey", lw=0.8, ls="--")
     return ax
+
+
+def versus(found: dict):
+    """Each merge's accuracy minus the baseline's (``lib.merge.stage.versus``), per skill, mean
+    over seeds; a star where the 95% interval excludes 0."""
+    rows = found["systems"]
+    if not rows:
+        return None
+    mean = pd.DataFrame({n.split(":", 1)[-1]: {k: v["mean"] for k, v in r["skills"].items()} for n, r in rows.items()}).T
+    star = pd.DataFrame({n.split(":", 1)[-1]: {k: "*" if v["lo"] > 0 or v["hi"] < 0 else "" for k, v in r["skills"].items()}
+                         for n, r in rows.items()}).T
+    labels = mean.map(lambda x: f"{x:+.2f}") + star
+    plt.figure(figsize=(1.5 + 0.8 * mean.shape[1], 1 + 0.4 * len(mean)))
+    ax = sns.heatmap(mean, annot=labels, fmt="", cmap="vlag", center=0, cbar_kws={"label": "accuracy difference"})
+    ax.set(title=f"each merge minus {found['baseline'].split(':', 1)[-1]}, per skill (mean over seeds; * 95% interval excludes 0)",
+           xlabel="skill", ylabel="")
+    return ax
+
+
+def retained(kept: pd.DataFrame):
+    """Test accuracy per (merge, skill) against the share of that skill's expert update the
+    merge keeps (``lib.merge.diagnostics.retained``), one dot per pair, coloured by merge."""
+    if not len(kept):
+        return None
+    g = sns.relplot(kept, x="retained", y="accuracy", hue="method", style="skill", height=4, aspect=1.6, s=50)
+    g.set(xlabel="share of the skill's expert update the merge keeps, ⟨M, τ⟩ / ‖τ‖²", ylabel="test accuracy on the skill",
+          title="what a merge keeps of each expert, and what it can still do (seed 0)")
+    return g

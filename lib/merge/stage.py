@@ -18,7 +18,7 @@ import pandas as pd
 
 from lib.core import data
 from lib.core.bench import Bench, System, lora_parameters, seed_everything, timed
-from lib.core.stats import SEED_SUMMARY, per_seed_columns, seed_macro_ci
+from lib.core.stats import SEED_SUMMARY, per_seed_columns, seed_macro_ci, spearman
 from lib.core.evaluation import BASE_ADAPTER
 from lib.core.modeling import load_on_device
 from lib.experts import adapters as X
@@ -162,6 +162,36 @@ def seed_table(st: MergeRoute) -> pd.DataFrame:
     return st.found["seed_table"]
 
 
+def versus(st: MergeRoute, baseline: str = "merge:ties", kind: str = "merge") -> dict:
+    """Each ``kind`` system against ``baseline`` skill by skill, over the seeds: per skill the
+    mean over seeds of the accuracy difference on the same test prompts, with a two-stage
+    paired bootstrap (seeds, then prompts; :func:`lib.core.stats.seed_macro_ci` on the
+    per-prompt differences). ``better_on`` / ``worse_on``: the skills whose interval is above /
+    below 0. Only systems scored on every seed; {} before :func:`score_replicates`."""
+    seeds = st.found.get("seeds") or {}
+    found = {}
+    for name, system in st.bench.systems.items():
+        if system.kind != kind or name == baseline:
+            continue
+        pairs = [(ex.get((name, "skills")), ex.get((baseline, "skills"))) for ex, _ in seeds.values()]
+        if not pairs or any(a is None or b is None for a, b in pairs):
+            continue
+        skills = {}
+        for skill in st.names:
+            diffs = []
+            for a, b in pairs:
+                a, b = a[a.skill == skill], b[b.skill == skill]
+                if list(a.prompt) != list(b.prompt):
+                    raise ValueError(f"{name} and {baseline} were scored on different {skill} prompts")
+                diffs.append(pd.DataFrame({"skill": skill, "correct": a.correct.to_numpy(float) - b.correct.to_numpy(float)}))
+            ci = seed_macro_ci(diffs, n_boot=st.E.n_boot)
+            skills[skill] = {k: ci[k] for k in ("mean", "lo", "hi", "per_seed")}
+        found[name] = {"skills": skills, "better_on": [k for k, v in skills.items() if v["lo"] > 0],
+                       "worse_on": [k for k, v in skills.items() if v["hi"] < 0]}
+    st.found["versus"] = {"baseline": baseline, "systems": found}
+    return st.found["versus"]
+
+
 def _adapter_system(st: MergeRoute, name: str, kind: str, adapter: str) -> System:
     return System(name, kind, st.peft_model, extra_params=lora_parameters(st.peft_model, [adapter]),
                   adapter_names=lambda d: [adapter] * len(d))
@@ -181,17 +211,28 @@ def score_references(st: MergeRoute) -> dict[str, float]:
     return st.found["expert_acc"]
 
 
+def merge_variants(P) -> list[tuple[str, Any]]:
+    """(system key, params) of every ΔW merge stage 04 scores: each of ``merges`` with the
+    section as it is, then each of ``both_trim_scopes`` once more with the other
+    ``trim_scope`` (keyed ``<method>@<scope>``), so the leaderboard shows both scopes once."""
+    other = "global" if P.trim_scope == "module" else "module"
+    return ([(m, P) for m in P.merges]
+            + [(f"{m}@{other}", P.model_copy(update={"trim_scope": other})) for m in P.both_trim_scopes])
+
+
 def score_merges(st: MergeRoute) -> pd.DataFrame:
-    """Every ΔW merge at its λ chosen on validation; returns the λ curves (one row per method and λ)."""
+    """Every ΔW merge (:func:`merge_variants`) at its λ chosen on validation; returns the λ
+    curves (one row per merge and λ)."""
     curves, st.found["merged_by"] = [], {}
-    for method in st.P.merges:
-        found = MR.merge_on_validation(st.base, st.tok, st.tvs, method, st.P, st.val["skills"], st.E)
-        curves.append(found["curve"].assign(method=method))
-        st.found["merged_by"][method] = found["merged"]
+    for key, p in merge_variants(st.P):
+        method = key.split("@")[0]
+        found = MR.merge_on_validation(st.base, st.tok, st.tvs, method, p, st.val["skills"], st.E)
+        curves.append(found["curve"].assign(method=key))
+        st.found["merged_by"][key] = found["merged"]
         # Build time: the merge at the chosen λ, plus the task vectors every method shares.
-        st.bench.score(System(f"merge:{method}", "merge", found["model"], build_s=found["build_s"] + st.tv_s,
+        st.bench.score(System(f"merge:{key}", "merge", found["model"], build_s=found["build_s"] + st.tv_s,
                               info={"lam": found["lam"]}))
-    st.found["chosen_lambda"] = {m: st.bench.systems[f"merge:{m}"].info["lam"] for m in st.P.merges}
+    st.found["chosen_lambda"] = {k: st.bench.systems[f"merge:{k}"].info["lam"] for k, _ in merge_variants(st.P)}
     st.found["lam_curves"] = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(
         columns=["lam", "val_accuracy", "build_s", "method"])
     return st.found["lam_curves"]
@@ -204,7 +245,7 @@ def score_refactored(st: MergeRoute) -> dict | None:
     curves, rank = st.found.get("lam_curves"), st.P.refactor_rank
     if not rank or curves is None or not len(curves):
         return None
-    best = max(st.P.merges, key=lambda m: curves[curves.method == m].val_accuracy.max())
+    best = max(st.found["merged_by"], key=lambda m: curves[curves.method == m].val_accuracy.max())
     exact = st.found["merged_by"][best]
     lora_model, secs = timed(lambda: M.merged_lora_model(st.base, exact, rank))
     dist = M.relative_frobenius_distance(M.task_vectors(lora_model, ["merged"])["merged"], exact)
@@ -308,7 +349,7 @@ def metrics(st: MergeRoute, board: pd.DataFrame, router: dict | None) -> dict:
         "best_merge_norm_acc": float(merges.norm_acc.max()) if len(merges) else None,
         "peft_distance_to_exact": {} if peft is None else {r["type"]: round(float(r["distance_to_exact"]), 4) for _, r in peft.iterrows()},
         "refactor": st.found.get("refactor"), "router": router, "lorahub_weights": lorahub_weights(st),
-        "diagnostics": st.found.get("diagnostics"),
+        "diagnostics": st.found.get("diagnostics"), "versus": st.found.get("versus"),
     }
 
 
@@ -330,11 +371,25 @@ def diagnose(st: MergeRoute) -> dict:
         columns=["task_a", "task_b", "alpha_a", "alpha_b", "task", "error"])
     off = cos.values[~np.eye(len(cos), dtype=bool)]
     sti = DG.sti_table(st.tvs)
+    kept = _retained_vs_accuracy(st)
     st.found["diagnostics"] = {
         "cosine": {"mean_offdiag": float(off.mean()), "max_offdiag": float(off.max()), "min_offdiag": float(off.min())},
         "disentanglement_error": {f"{a:g},{b:g}": float(v) for (a, b), v in
                                   error.groupby(["alpha_a", "alpha_b"]).error.mean().items()} if len(error) else {},
         "pairs": len(pairs),
         "singular_task_interference": {"mean_relative": float(sti.relative.mean()),
-                                       **{f"{k}_relative": float(v) for k, v in sti.groupby("module_type").relative.mean().items()}}}
-    return {"cosine": cos, "error": error, "sti": sti}
+                                       **{f"{k}_relative": float(v) for k, v in sti.groupby("module_type").relative.mean().items()}},
+        "retained": {m: dict(zip(g.skill, g.retained.round(4))) for m, g in kept.groupby("method", sort=False)},
+        "retained_accuracy_spearman": spearman(kept.retained, kept.accuracy)}
+    return {"cosine": cos, "error": error, "sti": sti, "retained": kept}
+
+
+def _retained_vs_accuracy(st: MergeRoute) -> pd.DataFrame:
+    """Each scored ΔW merge's share of every expert's update (:func:`lib.merge.diagnostics.retained`,
+    at its chosen λ) beside its test accuracy on that skill (this seed)."""
+    from lib.merge import diagnostics as DG
+
+    kept = DG.retained(st.found.get("merged_by", {}), st.tvs)
+    per = st.bench.per_skill()
+    per = per[per.system.str.startswith("merge:")].assign(method=lambda d: d.system.str.removeprefix("merge:"))
+    return kept.merge(per[["method", "skill", "accuracy"]], on=["method", "skill"], how="inner")

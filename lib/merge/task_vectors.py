@@ -43,6 +43,7 @@ from typing import Mapping, Sequence
 
 import torch
 
+from lib.core.config import GLOBAL_TRIM_METHODS
 from lib.core.modeling import check_adapter_files
 from lib.merge.methods import MERGE_METHODS
 from lib.merge.methods._checks import MergeError, _check_density
@@ -143,12 +144,12 @@ def method_kwargs(method: str, section) -> dict:
     return out
 
 
-GLOBAL_TRIM_METHODS = ("ties", "magnitude_prune")
-"""The methods that keep each expert's top ``density`` entries by magnitude: for them the
-ranking can run within each module (``trim_scope: module``, peft's and mergekit's per-tensor
-``prune``) or over the expert's whole task vector (``global``, the TIES paper's "top-k% of the
-task vector"). DARE's drop is per entry (no ranking, so no scope); breadcrumbs and DELLA rank
-within a module or a row, as their references do."""
+# GLOBAL_TRIM_METHODS (defined in lib.core.config, which validates params with it): the methods that keep
+# each expert's top ``density`` entries by magnitude: for them the
+# ranking can run within each module (``trim_scope: module``, peft's and mergekit's per-tensor
+# ``prune``) or over the expert's whole task vector (``global``, the TIES paper's "top-k% of the
+# task vector"). DARE's drop is per entry (no ranking, so no scope); breadcrumbs and DELLA rank
+# within a module or a row, as their references do.
 
 
 def trim_globally(tvs: Mapping[str, Mapping[str, Tensor]], density: float) -> dict[str, dict[str, Tensor]]:

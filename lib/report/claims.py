@@ -164,6 +164,46 @@ def ties_dare(m: dict) -> Outcome:
                    f"{_seeds(m, 'merge:ties', 'merge:dare_ties', 'merge:task_arithmetic')})", v)
 
 
+def _beats_every(m: dict, pairs: list[tuple[str, str]], what: str) -> Outcome:
+    """Each (new, baseline) pair of stage-04 systems compared by :func:`verdict`. The claim "new
+    beats each baseline" held when every comparison held; did not hold when any baseline is
+    clearly above (one clear loss refutes "beats every one"); otherwise inconclusive."""
+    verdicts, parts = [], []
+    for new, base in pairs:
+        a, b = _system(m, new), _system(m, base)
+        v = verdict(a, b, ">")
+        verdicts.append(v)
+        parts.append(f"{new.split(':', 1)[1]} {a} vs {base.split(':', 1)[1]} {b}: {v}")
+    v = NOT_HELD if NOT_HELD in verdicts else HELD if all(x == HELD for x in verdicts) else INCONCLUSIVE
+    names = sorted({n for p in pairs for n in p})
+    return Outcome(f"{'; '.join(parts)} ({what}, {_seeds(m, *names)})", v)
+
+
+_NORM = "normalised accuracy, λ of each chosen on validation"
+
+
+def tsv_m(m: dict) -> Outcome:
+    return _beats_every(m, [("merge:tsv_m", "merge:task_arithmetic"), ("merge:tsv_m", "merge:ties")], _NORM)
+
+
+def iso(m: dict) -> Outcome:
+    return _beats_every(m, [(f"merge:{a}", f"merge:{b}") for a in ("iso_c", "iso_cts") for b in ("task_arithmetic", "ties")], _NORM)
+
+
+def knots(m: dict) -> Outcome:
+    """KnOTS' claim is about the alignment: each merge on the aligned coordinates against the
+    same merge on the raw updates."""
+    return _beats_every(m, [("merge:knots_ties", "merge:ties"), ("merge:knots_dare", "merge:dare_ties")], _NORM)
+
+
+def cart(m: dict) -> Outcome:
+    return _beats_every(m, [("merge:cart", "merge:task_arithmetic"), ("merge:cart", "merge:ties")], _NORM)
+
+
+def della(m: dict) -> Outcome:
+    return _beats_every(m, [("merge:della", "merge:dare_ties"), ("merge:della", "merge:ties")], _NORM)
+
+
 def _recovery(m: dict, sparsity: float, kind: str = "graft", source: str = "full_ft") -> tuple[str, Interval]:
     table = _get(m, "localize", "recovery", source, kind)
     key = min(table, key=lambda s: abs(float(s) - sparsity))
@@ -241,6 +281,16 @@ CLAIMS: list[Claim] = [
     Claim("ties_dare", "TIES (Yadav et al., 2023); DARE (Yu et al., 2024)",
           "trimming and sign election reduce interference (against λ-tuned task arithmetic)",
           "TIES and DARE-TIES merges score above task arithmetic", ties_dare),
+    Claim("tsv_m", "TSV-M (Gargiulo et al., 2025)", "decorrelated task singular vectors merge better than task arithmetic and TIES",
+          "TSV-M above task arithmetic and TIES on 8, 14 and 20 vision tasks", tsv_m),
+    Claim("iso", "Iso-C / Iso-CTS (Marczak et al., 2025)", "a flat (isotropic) merged spectrum merges better than task arithmetic and TIES",
+          "Iso-C and Iso-CTS above task arithmetic and TIES on 8, 14 and 20 vision tasks", iso),
+    Claim("knots", "KnOTS (Stoica et al., 2025)", "aligning LoRA updates in one SVD basis makes TIES and DARE merge better",
+          "KnOTS-TIES and KnOTS-DARE above TIES and DARE-TIES on the raw LoRA updates", knots),
+    Claim("cart", "CART (Choi et al., 2024)", "centred, low-rank task vectors merge better than task arithmetic and TIES",
+          "CART above task arithmetic and TIES on 8, 14 and 20 vision tasks", cart),
+    Claim("della", "DELLA (Deep et al., 2024)", "magnitude-ranked drop merges better than DARE's uniform drop and TIES",
+          "DELLA above DARE-TIES and TIES", della),
     Claim("loc_sparse", "Skill localization (Panigrahi et al., 2023)", "about 0.01% of parameters carry the skill",
           "grafting ~0.01% of parameters recovers >95% of the fine-tuned accuracy", localization_sparse),
     Claim("loc_disjoint", "Skill localization (Panigrahi et al., 2023)", "different skills' regions are nearly disjoint (less overlap than random regions)",

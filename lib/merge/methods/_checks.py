@@ -77,3 +77,13 @@ class _quiet_full_density(warnings.catch_warnings):
 def dare_zero(deltas: list[Tensor]) -> Tensor:
     """DARE at density 0 drops everything: zeros (peft would compute 0 / 0 = NaN)."""
     return torch.zeros_like(deltas[0])
+
+
+def weighted_sum(deltas: Sequence[Tensor], w: Tensor) -> Tensor:
+    """``Σ_i w_i ΔW_i``, accumulated one expert at a time: bit-equal to peft's
+    ``merge_utils.task_arithmetic`` (stack, scale, sum over the stacked axis, in the same order;
+    tested), without its N-fold stacked copies, so time and memory grow linearly in N."""
+    out = deltas[0] * w[0]
+    for d, wi in zip(deltas[1:], w[1:]):
+        out.add_(d * wi)
+    return out

@@ -4,10 +4,9 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from peft.utils import merge_utils as mu
 
 from lib.merge.methods import MERGE_METHODS
-from lib.merge.methods._checks import MergeError, _check, _check_density, _n_kept
+from lib.merge.methods._checks import MergeError, _check, _check_density, _n_kept, weighted_sum
 
 Tensor = torch.Tensor
 
@@ -39,8 +38,8 @@ def breadcrumbs_mask(delta: Tensor, *, density: float, beta: float) -> Tensor:
 def breadcrumbs(deltas: Sequence[Tensor], weights=None, *, density: float, beta: float) -> Tensor:
     """Model Breadcrumbs (Davari & Belilovsky 2023): per expert and module, mask out the largest
     ``beta`` fraction by magnitude and the smallest so that ``density`` remain
-    (:func:`breadcrumbs_mask`, hand-written), then ``Σ_i w_i (m_i ⊙ ΔW_i)`` (peft's
-    ``merge_utils.task_arithmetic``; the paper's α is a common weight)."""
+    (:func:`breadcrumbs_mask`, hand-written), then ``Σ_i w_i (m_i ⊙ ΔW_i)`` (as peft's
+    ``merge_utils.task_arithmetic``, bit-equal; the paper's α is a common weight)."""
     deltas, w = _check(deltas, weights, "breadcrumbs")
     masked = [d * breadcrumbs_mask(d, density=density, beta=beta) for d in deltas]
-    return mu.task_arithmetic(masked, w)
+    return weighted_sum(masked, w)
