@@ -242,9 +242,9 @@ def test_applying_a_profile_rewrites_the_notebooks_parameters_cells(workdir):
 
     shutil.copytree(REPO / "notebooks", workdir / "notebooks")
     apply("smoke", workdir / "params.yaml")
-    nb = nbformat.read(workdir / "notebooks" / "07_report.ipynb", as_version=4)
+    nb = nbformat.read(workdir / "notebooks" / "08_report.ipynb", as_version=4)
     cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
     smoke = yaml.safe_load((PROFILES / "smoke.yaml").read_text())
     assert f"'fractions': {smoke['levels']['fractions']!r}" in cell.source
-    repo_nb = nbformat.read(REPO / "notebooks" / "07_report.ipynb", as_version=4)  # the repo's own copy untouched
+    repo_nb = nbformat.read(REPO / "notebooks" / "08_report.ipynb", as_version=4)  # the repo's own copy untouched
     assert "'fractions': [0.0, 0.35]" in next(c for c in repo_nb.cells if "parameters" in c.metadata.get("tags", [])).source

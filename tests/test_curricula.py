@@ -161,8 +161,10 @@ def test_add_space_cells_and_the_unlearnable_share():
 
     from lib.curricula.space import AddSpace
 
-    space = AddSpace(max_digits=4, unlearnable_fraction=0.25)  # 2 + 3 + 4 + 5 = 14 cells, 3 unlearnable
-    assert len(space.cells) == 14 and space.unlearnable == {(4, 4), (4, 3), (4, 2)}
+    space = AddSpace(max_digits=4, unlearnable_fraction=0.2)  # 2 + 3 + 4 + 5 = 14 cells; a 4-digit one is 1/20 of the area
+    assert len(space.cells) == 14 and space.unlearnable == {(4, 4), (4, 3), (4, 2), (4, 1)}
+    assert sum(map(space.area, space.cells)) == pytest.approx(1.0)
+    assert AddSpace(4, 0.27).unlearnable == {(4, c) for c in range(5)}  # 0.25; the next cell (3, 3) would make 0.3125
     assert space.cell([0.0, 0.0]) == (1, 0) and space.cell([1.0, 1.0]) == (4, 4) and space.cell([0.3, 0.5]) == (2, 1)
     assert {space.cell([x / 40, y / 40]) for x in range(41) for y in range(41)} == set(space.cells)  # every cell reachable
     rows = space.examples((2, 1), 5, random.Random(0))
@@ -174,3 +176,159 @@ def test_add_space_cells_and_the_unlearnable_share():
     assert all(len(r["answer"]) == len(t) for r, t in zip(hard, truth))  # ...but shaped like it
     assert hard == space.examples((4, 4), 20, random.Random(0))  # fixed per prompt
     assert AddSpace(4, 0.0).unlearnable == set()
+
+
+# --------------------------------------------------------------------------- stage 07's pieces
+
+
+def test_refusal_is_neither_right_nor_wrong():
+    from lib.core.evaluation import CORRECT, REFUSED, WRONG, is_refusal, outcome
+
+    assert is_refusal("7+5=12 idk", "idk") and is_refusal(" idk ", "idk") and is_refusal("idk", "idk")
+    assert not is_refusal("7+5=12 so 12", "idk") and not is_refusal("idkx", "idk") and not is_refusal("idk", None)
+    assert outcome("7+5=12 idk", "7+5=12 so 12", "idk") == REFUSED
+    assert outcome(" 7+5=12 so 12", "7+5=12 so 12", "idk") == CORRECT
+    assert outcome("7+5=12 so 13", "7+5=12 so 12", "idk") == WRONG
+    assert outcome("idk", "idk") == CORRECT  # without a marker the harness is unchanged
+
+
+def test_the_harness_scores_refusals_and_precision():
+    """Through evaluate: one right, one refused, one wrong answer (the oracle model of
+    tests/test_evaluation.py writes solve_any's answer; 'upper idk' makes it say IDK)."""
+    from lib.core.evaluation import evaluate
+    from lib.core.tokenization import build_char_tokenizer
+    from tests.test_evaluation import oracle
+
+    tok = build_char_tokenizer()
+    rows = [{"prompt": "add 12+34 =", "answer": "46", "skill": "add"},
+            {"prompt": "upper idk =", "answer": "IDK", "skill": "upper"},
+            {"prompt": "sub 52-17 =", "answer": "99", "skill": "sub"}]
+    res = evaluate(oracle(tok), tok, rows, progress=False, refusal="IDK")
+    assert res.examples["correct"].tolist() == [1, 0, 0] and res.examples["refused"].tolist() == [0, 1, 0]
+    assert res.accuracy == pytest.approx(1 / 3) and res.refusal_rate == pytest.approx(1 / 3)
+    assert res.precision == pytest.approx(1 / 2)
+    assert res.summary()["precision"] == pytest.approx(0.5)
+    plain = evaluate(oracle(tok), tok, rows, progress=False)
+    assert plain.examples["correct"].tolist() == [1, 1, 0] and "refused" not in plain.examples
+    assert "precision" not in plain.summary() and plain.refusal_rate == 0.0
+
+
+def test_scratchpad_trace_steps_and_refusal():
+    import random
+
+    from lib.curricula.refusal import as_refusal, problems, steps_written, trace
+
+    assert trace(47, 85, 2) == "7+5=12 4+8+1=13 so 132"
+    assert trace(5, 4, 1) == "5+4=9 so 9"
+    assert steps_written(trace(47, 85, 2)) == 2 and steps_written(trace(123, 989, 3)) == 3
+    assert as_refusal("7+5=12 4+8+1=14 so 142") == "7+5=12 4+8+1=14 idk"
+    assert steps_written("7+5=12 idk") == 1 and steps_written("idk") == 0 and as_refusal("so 1") == "idk"
+    rows = problems([1, 2, 3], 20, random.Random(0))
+    for r in rows:  # the trace's final number is the true sum, and it has one step per digit
+        a, b = map(int, r["prompt"].split()[1].split("+"))
+        assert r["answer"].endswith(f"so {a + b}") and steps_written(r["answer"]) == r["digits"]
+
+
+def test_mastered_fraction_is_the_area_of_the_mastered_cells():
+    from lib.curricula.space import AddSpace
+    from lib.curricula.teaching import mastered_fraction
+
+    space = AddSpace(3, 0.0)
+    acc = {space.name(c): 1.0 for c in space.cells}
+    assert mastered_fraction(space, acc, 0.75) == pytest.approx(1.0)
+    acc = {space.name(c): (0.8 if c[0] == 1 else 0.7) for c in space.cells}  # only the 1-digit cells
+    assert mastered_fraction(space, acc, 0.75) == pytest.approx(1 / 3)
+
+
+def test_steps_to_target_and_censoring():
+    from lib.curricula.mixing import steps_to_target
+
+    curve = [{"step": 0, "loss": {"a": 3.0, "b": 2.0}}, {"step": 25, "loss": {"a": 0.1, "b": 0.3}},
+             {"step": 50, "loss": {"a": 0.1, "b": 0.12}}, {"step": 75, "loss": {"a": 0.2, "b": 0.1}}]
+    assert steps_to_target(curve, 0.15, 75) == 50  # every skill at or below the target
+    assert steps_to_target(curve, 0.05, 75) == 75  # never: counted as the budget
+
+
+def _results():
+    """Constructed runs: two seeds; ALP-GMM masters 0.3 more than Random on each; Auto-CEI
+    refuses only on 3 digits, where SFT fails."""
+    teach = [{"kind": "teacher", "teacher": t, "fraction": 0.5, "seed": s, "unlearnable_area": 0.44, "seconds": 1.0,
+              "curve": [{"step": 0, "mastered": 0.0}, {"step": 10, "mastered": m + 0.1 * s}],
+              "samples": [{"step": 1, "cell": "1d0c", "learnable": True}, {"step": 10, "cell": "3d3c", "learnable": t == "random"}]}
+             for t, m in (("random", 0.2), ("alp_gmm", 0.5)) for s in (0, 1)]
+
+    def method(acc, ref, prec, per):
+        return {"accuracy": acc, "refusal_rate": ref, "precision": prec,
+                "per_digit": {d: {"accuracy": a, "refusal_rate": r, "precision": None} for d, (a, r) in per.items()}}
+
+    refusal = [{"kind": "refusal", "seed": s, "methods": {
+        "sft": method(0.5, 0.0, 0.5, {1: (1.0, 0.0), 3: (0.0, 0.0)}),
+        "ei": method(0.5, 0.0, 0.5, {1: (1.0, 0.0), 3: (0.0, 0.0)}),
+        "auto_cei": method(0.5, 0.5, 1.0 - 0.1 * s, {1: (1.0, 0.0), 3: (0.0, 1.0 - 0.1 * s)})},
+        "auto_cei": {"c1_start": 1.0, "c1_step": 0.5, "c2": 1.0, "c1_best": 1.5, "climb": []}} for s in (0, 1)]
+    return teach + refusal
+
+
+def test_study_summaries_pair_by_seed():
+    from types import SimpleNamespace as NS
+
+    from lib.curricula import study as ST
+
+    C = NS(teachers=NS(names=["random", "alp_gmm"], unlearnable_fractions=[0.5]))
+    t = ST.teacher_metrics(_results(), C)["by_fraction"]["0.5"]
+    assert t["alp_gmm_minus_random"]["mean"] == pytest.approx(0.3) and t["alp_gmm_minus_random"]["lo"] == pytest.approx(0.3)
+    assert t["learnable_share_of_tasks"] == {"random": 1.0, "alp_gmm": 0.5}
+    r = ST.refusal_metrics(_results())
+    assert r["precision_minus"]["sft"]["mean"] == pytest.approx(0.45)
+    assert r["refusal_beyond_minus_within"]["mean"] == pytest.approx(0.95)  # 3 digits: SFT < 0.5 there
+    assert r["refusal_minus_sft_error"]["mean"] == pytest.approx(0.0)
+    samples = ST.teacher_samples(_results(), quarters=2)
+    assert samples.groupby(["teacher", "quarter"])["share"].sum().eq(1.0).all()
+
+
+def _curricula(**changes):
+    import copy
+
+    import yaml
+
+    from lib.core.config import REPO_PARAMS
+
+    params = yaml.safe_load(REPO_PARAMS.read_text())
+    section = copy.deepcopy(params["curricula"])
+    for path, value in changes.items():
+        node = section
+        *head, last = path.split(".")
+        for k in head:
+            node = node[k]
+        node[last] = value
+    return params, section
+
+
+@pytest.mark.parametrize("path,value,words", [
+    ("teachers.names", ["random", "alp_gmn"], "alp_gmn"),
+    ("teachers.unlearnable_fractions", [0.0, 1.0], "unlearnable fractions"),
+    ("skill_it.round_steps", 40, "not a multiple of round_steps"),
+    ("auto_cei.k", 0, "auto_cei.k"),
+])
+def test_curricula_params_errors_are_clear(path, value, words):
+    from lib.core.config import ParamsError, validate_section
+
+    _, section = _curricula(**{path: value})
+    with pytest.raises(ParamsError, match=words):
+        validate_section("curricula", section)
+
+
+def test_curricula_typo_and_skills_outside_training_are_refused(tmp_path):
+    import yaml
+
+    from lib.core.config import ParamsError, load, validate_section
+
+    _, section = _curricula()
+    section["teachers"]["stepz"] = 10
+    with pytest.raises(ParamsError, match="stepz"):
+        validate_section("curricula", section)
+    params, section = _curricula(**{"skill_it.skills": ["inc", "mindigit"]})
+    params["curricula"] = section
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(ParamsError, match=r"curricula.skill_it.skills \['mindigit'\] not in skills.train"):
+        load(["skills", "curricula"], tmp_path / "params.yaml")

@@ -39,7 +39,7 @@ def test_every_stage_wrote_its_outputs(project):
         assert info["steps"] == steps
     assert (project / "models" / "base" / "model.safetensors").is_file()
     assert (project / "models" / "general" / "adapter_model.safetensors").is_file()
-    for nb in ("01_synthesize", "02_base", "03_experts", "04_merge_route", "07_report"):
+    for nb in ("01_synthesize", "02_base", "03_experts", "04_merge_route", "08_report"):
         assert (project / "reports" / "notebooks" / f"{nb}.ipynb").is_file()
     assert not list(project.rglob("*.partial"))
 
@@ -170,3 +170,22 @@ def test_levels_are_trained_scored_and_reported(project):
     levels = json.loads((project / "metrics" / "report.json").read_text())["levels"]
     assert set(levels) == {f"{f:g}" for f in [*p["levels"]["fractions"], main]}
     assert set(levels.values()) <= {"held", "did not hold", "inconclusive"}
+
+
+def test_curricula_stage_ran_every_part(project):
+    """Stage 07 on the smoke profile: every teacher, fraction and seed, Auto-CEI's four methods,
+    Skill-it's two, and the report judged its four claims from those numbers."""
+    p = smoke_params(project)["curricula"]
+    m = json.loads((project / "metrics" / "curricula.json").read_text())
+    for f in p["teachers"]["unlearnable_fractions"]:
+        e = m["teachers"]["by_fraction"][str(f)]
+        assert set(e["mastered"]) == set(p["teachers"]["names"])
+        assert all(ci["n"] == len(p["seeds"]) and 0 <= ci["mean"] <= 1 for ci in e["mastered"].values())
+    assert set(m["auto_cei"]["methods"]) == {"sft", "r_tuning", "ei", "auto_cei"}
+    assert m["auto_cei"]["methods"]["sft"]["refusal_rate"]["mean"] == 0.0  # SFT never saw idk
+    assert set(m["skill_it"]["steps_to_target"]) == {"uniform", "skill_it"}
+    curve = pd.read_csv(project / "plots" / "curricula_mastered.csv")
+    assert set(curve["teacher"]) == set(p["teachers"]["names"]) and curve["step"].max() == p["teachers"]["steps"]
+    assert (project / "reports" / "notebooks" / "07_curricula.ipynb").is_file()
+    verdicts = json.loads((project / "metrics" / "report.json").read_text())["claims"]
+    assert {"alp_gmm", "auto_cei", "auto_cei_limit", "skill_it"} <= set(verdicts)

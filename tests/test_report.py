@@ -66,6 +66,19 @@ def metrics_fixture() -> dict:
                                  "corr_with_behaviour": {"r": 0.5, "lo": -0.1, "hi": 0.8, "method": "pearson"}},
                      "calibration": {"ece_grafted": ci(0.05), "ece_finetuned": ci(0.2), "relative_reduction": 0.75},
                      "graft_merge": {"mean_normalised": ci(0.6)}},
+        "curricula": {
+            "teachers": {"by_fraction": {
+                "0.0": {"unlearnable_area": 0.0, "mastered": {"alp_gmm": ci(0.5), "random": ci(0.5)},
+                        "alp_gmm_minus_random": ci(0.0)},
+                "0.5": {"unlearnable_area": 0.44, "mastered": {"alp_gmm": ci(0.4), "random": ci(0.2)},
+                        "alp_gmm_minus_random": ci(0.2, 0.05)}}},
+            "auto_cei": {"methods": {"auto_cei": {"precision": ci(0.8), "refusal_rate": ci(0.3)}},
+                         "precision_minus": {"sft": ci(0.3), "ei": ci(0.2), "r_tuning": ci(0.0)},
+                         "refusal_minus_sft_error": ci(-0.1, 0.05), "refusal_beyond_minus_within": ci(0.6, 0.1),
+                         "limit_accuracy": 0.5},
+            "skill_it": {"steps_to_target": {"skill_it": ci(150, 10), "uniform": ci(225, 10)},
+                         "skill_it_minus_uniform": ci(-75, 20), "target_loss": 0.15, "budget": 300,
+                         "reached": {"skill_it": 3, "uniform": 3}}},
     }
 
 
@@ -83,7 +96,10 @@ def test_each_claim_is_computed_from_the_metrics():
             "cl_forgets": HELD, "cl_replay": HELD,
             "stability_gap": INCONCLUSIVE,  # depth > 0 but the recovery interval includes 0
             # every newer merge 0.6 above TIES 0.4, DARE-TIES 0.3 and task arithmetic 0.2
-            "tsv_m": HELD, "iso": HELD, "knots": HELD, "cart": HELD, "della": HELD}
+            "tsv_m": HELD, "iso": HELD, "knots": HELD, "cart": HELD, "della": HELD,
+            # curricula: ALP-GMM +0.2 at 0.44 unlearnable (the 0.0 fraction is not part of the claim),
+            # Auto-CEI +0.3 / +0.2 precision refusing less than SFT gets wrong, Skill-it 75 steps sooner
+            "alp_gmm": HELD, "auto_cei": HELD, "auto_cei_limit": HELD, "skill_it": HELD}
     assert {k: r["verdict"] for k, r in rows.items()} == want
     assert "peft:svd" in rows["selma"]["measured"] and "0.950" in rows["selma"]["measured"]
 
@@ -144,6 +160,18 @@ THREE_WAYS = {
     "stability_gap": {HELD: lambda m: m["continual"]["stability_gap"]["replay"].update(recovery=ci(0.2)),
                       NOT_HELD: lambda m: m["continual"]["stability_gap"]["replay"].update(depth=ci(-0.2)),
                       INCONCLUSIVE: lambda m: None},
+    "alp_gmm": {HELD: lambda m: None,
+                NOT_HELD: lambda m: m["curricula"]["teachers"]["by_fraction"]["0.5"].update(alp_gmm_minus_random=ci(-0.2, 0.05)),
+                INCONCLUSIVE: lambda m: m["curricula"]["teachers"]["by_fraction"]["0.5"].update(alp_gmm_minus_random=ci(0.1, 0.2))},
+    "auto_cei": {HELD: lambda m: None,
+                 NOT_HELD: lambda m: m["curricula"]["auto_cei"].update(refusal_minus_sft_error=ci(0.2, 0.05)),  # refuses too much
+                 INCONCLUSIVE: lambda m: m["curricula"]["auto_cei"]["precision_minus"].update(ei=ci(0.0, 0.1))},
+    "auto_cei_limit": {HELD: lambda m: None,
+                       NOT_HELD: lambda m: m["curricula"]["auto_cei"].update(refusal_beyond_minus_within=ci(-0.3, 0.1)),
+                       INCONCLUSIVE: lambda m: m["curricula"]["auto_cei"].update(refusal_beyond_minus_within=ci(0.05, 0.1))},
+    "skill_it": {HELD: lambda m: None,
+                 NOT_HELD: lambda m: m["curricula"]["skill_it"].update(skill_it_minus_uniform=ci(50, 20)),
+                 INCONCLUSIVE: lambda m: m["curricula"]["skill_it"].update(skill_it_minus_uniform=ci(0, 25))},
 }
 
 
@@ -193,7 +221,7 @@ def test_headline_rows_and_best_systems():
 def test_missing_stages_leave_their_rows_out(tmp_path):
     (tmp_path / "metrics").mkdir()
     (tmp_path / "metrics" / "merge_route.json").write_text(json.dumps(metrics_fixture()["merge_route"]))
-    with pytest.raises(report.MissingInput, match=r"metrics/synthesize.json, metrics/base.json, .*metrics/localize.json missing"):
+    with pytest.raises(report.MissingInput, match=r"metrics/synthesize.json, metrics/base.json, .*metrics/localize.json, metrics/curricula.json missing"):
         report.load_metrics(tmp_path)
     m = report.load_metrics(tmp_path, required=False)
     assert list(m) == ["merge_route"]
@@ -299,7 +327,7 @@ def test_the_report_notebook_run_as_in_jupyterlab_gives_the_same_numbers(project
 
     before = (project / "metrics" / "report.json").read_text()
     head_before = (project / "reports" / "tables" / "headline.csv").read_text()
-    pm.execute_notebook(str(project / "notebooks" / "07_report.ipynb"), str(tmp_path / "out.ipynb"),
+    pm.execute_notebook(str(project / "notebooks" / "08_report.ipynb"), str(tmp_path / "out.ipynb"),
                         kernel_name="python3", cwd=str(project / "notebooks"), progress_bar=False)
     assert (project / "metrics" / "report.json").read_text() == before
     assert (project / "reports" / "tables" / "headline.csv").read_text() == head_before
@@ -332,7 +360,7 @@ def test_repro_summary_prints_the_headline_and_the_verdicts(tmp_path, capsys):
     from lib.cli import summary
 
     assert summary.main(["--workdir", str(tmp_path)]) == 2
-    assert "stage 07 (report) has not run" in capsys.readouterr().err
+    assert "stage 08 (report) has not run" in capsys.readouterr().err
     head = report.headline(metrics_fixture())
     claims = report.claims_table(metrics_fixture())
     report.write_tables(tmp_path, head, claims)

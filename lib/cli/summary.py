@@ -2,7 +2,7 @@
 
     python -m lib.cli.summary [--workdir .]
 
-Read from ``reports/tables/`` (written by stage 07), so it is a table a person can read
+Read from ``reports/tables/`` (written by stage 08), so it is a table a person can read
 rather than ``dvc metrics show``'s one row of hundreds of columns; the full numbers stay in
 ``metrics/*.json`` (``dvc metrics show`` still lists them).
 """
@@ -20,7 +20,7 @@ def summary(root: str | Path = ".") -> str:
     head, claims = tables / "headline.csv", tables / "claims.csv"
     missing = [str(p) for p in (head, claims) if not p.is_file()]
     if missing:
-        raise FileNotFoundError(f"{', '.join(missing)} missing: stage 07 (report) has not run")
+        raise FileNotFoundError(f"{', '.join(missing)} missing: stage 08 (report) has not run")
     h = pd.read_csv(head, keep_default_na=False)
     c = pd.read_csv(claims, keep_default_na=False)
     counts = c.verdict.value_counts()

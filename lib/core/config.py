@@ -607,6 +607,110 @@ class LocalizeParams(Section):
         return self
 
 
+class StudentParams(Section):
+    """Stage 07's student: the stage-02 base with a LoRA on experts.target_modules, constant lr."""
+
+    rank: int = Field(ge=1)
+    alpha: float = Field(gt=0)
+    lr: float = Field(gt=0)
+    batch_size: int = Field(ge=1)
+
+
+class ALPGMMParams(Section):
+    fit_rate: int = Field(ge=1, description="tasks between two mixture fits")
+    bootstrap: int = Field(ge=1, description="uniform tasks before the first fit")
+    window: int = Field(ge=2, description="recent (task, ALP) points each fit sees")
+    k_max: int = Field(ge=2, description="mixtures of 2 … k_max components compared by AIC")
+    random_ratio: float = Field(ge=0, le=1)
+
+
+class TeachersParams(Section):
+    """Teachers on the add (digits, carries) grid (lib/curricula/teaching.py)."""
+
+    names: list[str] = Field(min_length=1)
+    max_digits: int = Field(ge=1, le=6)
+    unlearnable_fractions: list[float] = Field(min_length=1)
+    steps: int = Field(ge=1, description="LoRA steps per run, the same for every teacher")
+    tasks_per_step: int = Field(ge=1)
+    prompts_per_task: int = Field(ge=1, description="prompts of a task's cell; its reward is the student's accuracy on them")
+    eval_every: int = Field(ge=1)
+    eval_n: int = Field(ge=1, description="held-out prompts per cell")
+    mastery: float = Field(gt=0, le=1, description="held-out accuracy at which a cell counts as mastered")
+    alp_gmm: ALPGMMParams
+
+    @field_validator("names")
+    @classmethod
+    def _teachers(cls, v):
+        return registry.resolve("lib.curricula.teachers:TEACHERS").check(v)
+
+    @field_validator("unlearnable_fractions")
+    @classmethod
+    def _fractions(cls, v):
+        if any(not 0 <= f < 1 for f in v) or len(set(v)) != len(v):
+            raise ValueError(f"unlearnable fractions must be distinct values in [0, 1), got {v}")
+        return v
+
+
+class AutoCEIParams(Section):
+    """Auto-CEI and its baselines on add with a scratchpad (lib/curricula/refusal.py)."""
+
+    max_digits: int = Field(ge=2, le=6)
+    n_train: int = Field(ge=1, description="SFT traces per digit count")
+    n_pool: int = Field(ge=1, description="prompts per digit count sampled in each expert-iteration round")
+    n_val: int = Field(ge=1, description="validation prompts per digit count (the c1 objective)")
+    n_test: int = Field(ge=1, description="held-out prompts per digit count")
+    sft_steps: int = Field(ge=1)
+    ft_steps: int = Field(ge=1, description="steps of each later fine-tuning round")
+    rounds: int = Field(ge=1, description="rounds of expert iteration without refusals")
+    max_rounds: int = Field(ge=1, description="most rounds (c1 values) of Auto-CEI's hill-climb")
+    k: int = Field(ge=1, description="sampled answers per prompt")
+    temperature: float = Field(gt=0)
+    select_temperature: float = Field(gt=0, description="temperature of the reward-weighted resampling")
+    lam: float = Field(ge=0, le=1, description="λ of the c1 objective")
+
+
+class SkillItParams(Section):
+    """Skill-it's online mixture against uniform mixing (lib/curricula/mixing.py)."""
+
+    skills: list[str] = Field(min_length=2)
+    n_val: int = Field(ge=1, description="validation rows per skill for the losses")
+    graph_steps: int = Field(ge=1, description="steps on one skill to measure its row of the skills graph")
+    steps: int = Field(ge=1)
+    round_steps: int = Field(ge=1, description="steps between two mixture updates")
+    eta: float = Field(gt=0)
+    window: int = Field(ge=1)
+    target_loss: float = Field(gt=0)
+
+    @field_validator("skills")
+    @classmethod
+    def _skills(cls, v):
+        return _skill_list(v)
+
+    @model_validator(mode="after")
+    def _rounds(self):
+        if self.steps % self.round_steps:
+            raise Conflict(f"steps {self.steps} is not a multiple of round_steps {self.round_steps}", "steps", "round_steps")
+        return self
+
+
+class CurriculaParams(Section):
+    """Stage 07: curricula and expert iteration (lib/curricula/study.py)."""
+
+    seeds: list[int] = Field(min_length=1)
+    workers: int = Field(ge=1)
+    student: StudentParams
+    teachers: TeachersParams
+    auto_cei: AutoCEIParams
+    skill_it: SkillItParams
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v):
+        if len(set(v)) != len(v):
+            raise ValueError(f"a seed is listed twice: {v}")
+        return v
+
+
 # Section name in params.yaml -> schema. Later stages add their sections here.
 SCHEMAS: dict[str, type[Section]] = {
     "skills": SkillsParams,
@@ -619,6 +723,7 @@ SCHEMAS: dict[str, type[Section]] = {
     "merge_route": MergeRouteParams,
     "continual": ContinualParams,
     "localize": LocalizeParams,
+    "curricula": CurriculaParams,
 }
 
 
@@ -758,6 +863,10 @@ def check_across_sections(out: dict, path: str | Path) -> None:
         raise ParamsError(f"{path}: merge_route.arrow.top_k {mr.arrow.top_k} is more than the {len(skills.train)} "
                           f"experts of skills.train (routers {[r for r in mr.routers if r in ARROW_ROUTERS]} mix "
                           "top_k of them per token); lower it")
+    cu = out.get("curricula")
+    if cu is not None and set(cu.skill_it.skills) - set(skills.train):
+        raise ParamsError(f"{path}: curricula.skill_it.skills {[s for s in cu.skill_it.skills if s not in skills.train]} not "
+                          f"in skills.train {skills.train}: stage 01 writes training data only for those")
 
 
 def from_notebook(**sections: Any) -> dict:

@@ -280,6 +280,25 @@ def exact_match(prediction: str, reference: str) -> bool:
     return normalize(prediction) == normalize(reference)
 
 
+CORRECT, WRONG, REFUSED = "correct", "wrong", "refused"
+
+
+def is_refusal(prediction: str, marker: str | None) -> bool:
+    """Whether ``prediction`` ends with the refusal ``marker`` as its own word (after
+    :func:`normalize`): "I don't know" may come after a partial attempt, as Auto-CEI trains it."""
+    if not marker:
+        return False
+    text, marker = normalize(prediction), normalize(marker)
+    return text == marker or text.endswith(" " + marker)
+
+
+def outcome(prediction: str, reference: str, refusal: str | None = None) -> str:
+    """``"refused"`` (neither right nor wrong), else ``"correct"`` or ``"wrong"`` by exact match."""
+    if is_refusal(prediction, refusal):
+        return REFUSED
+    return CORRECT if exact_match(prediction, reference) else WRONG
+
+
 def _conf_correct(confidences, correct) -> tuple[np.ndarray, np.ndarray]:
     conf = np.asarray(confidences, dtype=np.float64).ravel()
     corr = np.asarray(correct, dtype=np.float64).ravel()
@@ -374,6 +393,18 @@ class EvalResult:
     def accuracy(self) -> float:
         return float(self.examples["correct"].mean())
 
+    @property
+    def refusal_rate(self) -> float:
+        """Share of examples answered with the refusal marker (0 when none was given)."""
+        return float(self.examples["refused"].mean()) if "refused" in self.examples else 0.0
+
+    @property
+    def precision(self) -> float:
+        """Accuracy among the answered (not refused) examples; NaN when every one was refused."""
+        answered = ~self.examples["refused"].astype(bool) if "refused" in self.examples else slice(None)
+        sub = self.examples.loc[answered, "correct"]
+        return float(sub.mean()) if len(sub) else math.nan
+
     def accuracy_ci(self) -> tuple[float, float, float]:
         """``(accuracy, low, high)``, percentile bootstrap."""
         return bootstrap_ci(self.examples["correct"].to_numpy(), self.n_boot, self.alpha, self.seed)
@@ -414,6 +445,7 @@ class EvalResult:
             "mean_confidence": float(self.examples["confidence"].mean()),
             "truncated": int((~self.examples["stopped"].astype(bool)).sum()),
             "max_new_tokens": int(self.max_new_tokens),
+            **({"refusal_rate": self.refusal_rate, "precision": self.precision} if "refused" in self.examples else {}),
             "per_skill": {
                 r.skill: {"n": int(r.n), "accuracy": float(r.accuracy), "ci_low": float(r.ci_low),
                           "ci_high": float(r.ci_high), "ece": float(r.ece)}
@@ -436,6 +468,7 @@ def evaluate(
     n_boot: int = 1000,
     n_bins: int = 10,
     settings=None,
+    refusal: str | None = None,
 ) -> EvalResult:
     """Exact-match accuracy, bootstrap CIs and calibration of greedy answers on ``data``.
 
@@ -451,6 +484,10 @@ def evaluate(
     ``router(prompts) -> names`` computes them, so a learned router reuses this function
     unchanged. ``"__base__"`` is the base model. Without either, the model runs as it is
     (e.g. a peft model with its active adapter, or a merged model).
+
+    ``refusal``: a marker such as ``"idk"``; an answer ending with it (:func:`is_refusal`) is a
+    refusal, neither right nor wrong: ``correct`` 0, a ``refused`` column, and the result's
+    ``refusal_rate`` and ``precision`` (accuracy among the answered).
     """
     if settings is not None:
         batch_size, n_boot, n_bins = settings.batch_size, settings.n_boot, settings.ece_bins
@@ -476,12 +513,14 @@ def evaluate(
         "prompt": prompts,
         "answer": answers,
         "prediction": [g.text for g in gens],
-        "correct": [int(exact_match(g.text, a)) for g, a in zip(gens, answers)],
+        "correct": [int(outcome(g.text, a, refusal) == CORRECT) for g, a in zip(gens, answers)],
         "confidence": [g.confidence for g in gens],
         "skill": frame["skill"].astype(str).tolist(),
         "stopped": [g.stopped for g in gens],
         "n_tokens": [g.n_tokens for g in gens],
     })
+    if refusal:
+        out["refused"] = [int(is_refusal(g.text, refusal)) for g in gens]
     if adapter_names is not None:
         out["adapter"] = [str(a) for a in adapter_names]
     for col in frame.columns:

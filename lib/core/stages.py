@@ -24,7 +24,8 @@ STAGES: dict[str, Stage] = {
         Stage("merge_route", "04_merge_route.ipynb", ("skills", "experts", "evaluation", "replicates", "merge_route")),
         Stage("continual", "05_continual.ipynb", ("skills", "experts", "evaluation", "continual")),
         Stage("localize", "06_localize.ipynb", ("skills", "experts", "evaluation", "localize")),
-        Stage("report", "07_report.ipynb", ("synthesize", "levels")),
+        Stage("curricula", "07_curricula.ipynb", ("skills", "experts", "curricula")),
+        Stage("report", "08_report.ipynb", ("synthesize", "levels")),
     ]
 }
 

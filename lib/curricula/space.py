@@ -4,8 +4,8 @@
 A task is a point of the unit square: ``x`` picks the digits ``d = 1 + ⌊x · D⌋`` (both
 operands have exactly ``d`` digits), ``y`` the carries ``c = min(d, ⌊y · (d + 1)⌋)`` (how many
 of the ``d`` column additions carry). Every point is a valid cell, so the teachers work on a
-plain box. The ``unlearnable_fraction`` of the cells, hardest first (most digits, then most
-carries), get answers that are a fixed pseudo-random number of the true answer's length keyed
+plain box; a cell's area is ``1 / (D · (d + 1))``. The hardest cells (most digits, then most
+carries) covering at most ``unlearnable_fraction`` of the square's area get answers that are a fixed pseudo-random number of the true answer's length keyed
 on the prompt: no rule can be learnt there, only memorised, and held-out prompts are new. The
 fraction is a parameter, as the unfeasible region is in Portelas et al.'s robustness study.
 """
@@ -62,8 +62,22 @@ class AddSpace:
         if self.max_digits < 1 or not 0 <= self.unlearnable_fraction < 1:
             raise ValueError(f"need max_digits >= 1 and 0 <= unlearnable_fraction < 1, got {self.max_digits}, {self.unlearnable_fraction}")
         self.cells = [(d, c) for d in range(1, self.max_digits + 1) for c in range(d + 1)]
-        n = math.floor(self.unlearnable_fraction * len(self.cells) + 1e-9)
-        self.unlearnable = set(sorted(self.cells, reverse=True)[:n])  # hardest first: most digits, then most carries
+        # Hardest first (most digits, then most carries) while their area stays within the fraction:
+        # the fraction is of the task space the teachers sample, as in the paper's robustness study.
+        self.unlearnable, covered = set(), 0.0
+        for cell in sorted(self.cells, reverse=True):
+            if covered + self.area(cell) > self.unlearnable_fraction + 1e-9:
+                break
+            self.unlearnable.add(cell)
+            covered += self.area(cell)
+
+    def area(self, cell: tuple[int, int]) -> float:
+        """The share of the unit square that maps to ``cell``."""
+        return 1.0 / (self.max_digits * (cell[0] + 1))
+
+    @staticmethod
+    def name(cell: tuple[int, int]) -> str:
+        return f"{cell[0]}d{cell[1]}c"
 
     def cell(self, task) -> tuple[int, int]:
         x, y = (min(max(float(v), 0.0), 1.0) for v in task)
@@ -90,5 +104,5 @@ class AddSpace:
         for _ in range(n):
             a, b = add_operands(rng, *cell)
             rows.append({"prompt": skill.render(f"{a}+{b}"), "answer": self.answer(a, b, cell), "skill": self.skill,
-                         "cell": f"{cell[0]}d{cell[1]}c"})
+                         "cell": self.name(cell)})
         return rows

@@ -27,7 +27,7 @@ needs; :mod:`lib.localize.tables` and :mod:`lib.localize.figures` show the resul
    averaged, one model for every skill, scored like stage 04's merges (normalised accuracy =
    accuracy / the source's fine-tuned accuracy per skill, mean over skills, interval from
    :func:`lib.core.stats.macro_ci`).
-6. **Metrics** (:func:`metrics`): ``metrics/localize.json``, the numbers stage 07 judges the
+6. **Metrics** (:func:`metrics`): ``metrics/localize.json``, the numbers stage 08 judges the
    claims on (this stage measures, it does not judge).
 """
 from __future__ import annotations

@@ -262,6 +262,57 @@ def stability_gap(m: dict) -> Outcome:
                    f"and recovers by {rec} before the task ends", v)
 
 
+def _combine(verdicts: list[str]) -> str:
+    """Every comparison must hold; one clear opposite refutes; otherwise inconclusive."""
+    return NOT_HELD if NOT_HELD in verdicts else HELD if verdicts and all(v == HELD for v in verdicts) else INCONCLUSIVE
+
+
+def alp_gmm_masters_more(m: dict) -> Outcome:
+    by = _get(m, "curricula", "teachers", "by_fraction")
+    parts, verdicts = [], []
+    for f, e in sorted(by.items(), key=lambda kv: float(kv[0])):
+        if float(f) == 0 or "alp_gmm_minus_random" not in e:
+            continue
+        d = Interval.of(e["alp_gmm_minus_random"])
+        verdicts.append(verdict(d, Interval.point(0.0), ">"))
+        parts.append(f"unlearnable {float(e['unlearnable_area']):.2f} of the space: ALP-GMM {Interval.of(e['mastered']['alp_gmm'])} "
+                     f"vs Random {Interval.of(e['mastered']['random'])}, paired difference {d}")
+    if not parts:
+        raise MissingMetric("metrics/curricula.json['teachers']: no unlearnable fraction > 0 with alp_gmm and random")
+    return Outcome("; ".join(parts) + " (mastered share of the task space at the end, seeds)", _combine(verdicts))
+
+
+def auto_cei_precision(m: dict) -> Outcome:
+    a = _get(m, "curricula", "auto_cei")
+    parts, verdicts = [], []
+    for b in ("sft", "ei"):
+        d = Interval.of(a.get("precision_minus", {}).get(b, {}))
+        verdicts.append(verdict(d, Interval.point(0.0), ">"))
+        parts.append(f"precision − {b} {d}")
+    bound = Interval.of(a["refusal_minus_sft_error"])
+    over = verdict(bound, Interval.point(0.0), "<") == NOT_HELD  # refuses clearly more than SFT gets wrong
+    v = NOT_HELD if over else _combine(verdicts)
+    prec = Interval.of(a["methods"]["auto_cei"]["precision"])
+    return Outcome(f"Auto-CEI precision {prec}; {'; '.join(parts)}; refusal rate − SFT's error rate {bound} "
+                   f"(the bound: at most what SFT gets wrong{'; exceeded' if over else ''}) (seeds, paired)", v)
+
+
+def auto_cei_limit(m: dict) -> Outcome:
+    a = _get(m, "curricula", "auto_cei")
+    d = Interval.of(a["refusal_beyond_minus_within"])
+    return Outcome(f"refusal rate on digit counts where SFT scores < {a['limit_accuracy']:g} minus where it scores more: {d} "
+                   "(seeds)", verdict(d, Interval.point(0.0), ">"))
+
+
+def skill_it_sooner(m: dict) -> Outcome:
+    s = _get(m, "curricula", "skill_it")
+    d = Interval.of(s["skill_it_minus_uniform"])
+    st = s["steps_to_target"]
+    return Outcome(f"steps until every skill's validation loss ≤ {s['target_loss']:g}: Skill-it {Interval.of(st['skill_it'])} "
+                   f"vs uniform {Interval.of(st['uniform'])}, paired difference {d} (budget {s['budget']}; reached "
+                   f"{s['reached']['skill_it']} and {s['reached']['uniform']} of the seeds)", verdict(d, Interval.point(0.0), "<"))
+
+
 @dataclass(frozen=True)
 class Claim:
     key: str
@@ -305,6 +356,14 @@ CLAIMS: list[Claim] = [
           "BWT with replay above sequential fine-tuning", replay_reduces),
     Claim("stability_gap", "Stability gap (De Lange et al., 2023)", "a stability gap appears under per-step evaluation",
           "earlier tasks' accuracy drops right after a switch, then recovers", stability_gap),
+    Claim("alp_gmm", "ALP-GMM (Portelas et al., 2019)", "a learning-progress teacher masters more of the task space than random tasks when part of it is unlearnable",
+          "ALP-GMM masters more than Random, and degrades less as the unfeasible share grows", alp_gmm_masters_more),
+    Claim("auto_cei", "Auto-CEI (Zhao et al., 2025)", "expert iteration with a refusal curriculum answers more precisely at a bounded refusal rate",
+          "higher precision than SFT and expert iteration, refusing a reasonable share", auto_cei_precision),
+    Claim("auto_cei_limit", "Auto-CEI (Zhao et al., 2025)", "its refusals fall beyond the model's limit",
+          "refusals concentrate on the problems the model cannot solve", auto_cei_limit),
+    Claim("skill_it", "Skill-it! (Chen et al., 2023)", "a skills-graph mixture reaches the target loss sooner than uniform mixing",
+          "Skill-it reaches a given validation loss in fewer steps than uniform sampling", skill_it_sooner),
 ]
 
 

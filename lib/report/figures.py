@@ -174,3 +174,19 @@ def recipes(rec: pd.DataFrame):
     best = rec.loc[rec["best_merge_norm_acc"].idxmax()]
     return fig, (f"{len(rec)} recipes; {len(ok)} reach both targets (experts ≥ 0.9, best merge ≥ 0.6). The best merge, "
                  f"{best['best_merge_norm_acc']:.3f}, came from: {best['note']}.")
+
+
+def mastered(curves: pd.DataFrame):
+    """Stage 07: mastered share of the add grid over training, per teacher, one panel per unlearnable share."""
+    set_style()
+    fractions = sorted(curves["fraction"].unique())
+    fig, axes = plt.subplots(1, len(fractions), figsize=(5 * len(fractions), 3.4), squeeze=False, sharey=True)
+    for ax, f in zip(axes[0], fractions):
+        sns.lineplot(curves[curves["fraction"] == f], x="step", y="mastered", hue="teacher", marker="o", ax=ax)
+        ax.set(title=f"unlearnable share {f:g}", ylabel="mastered share", ylim=(-0.02, 1.02))
+    fig.tight_layout()
+    last = curves[curves["step"] == curves["step"].max()]
+    best = last.loc[last["mastered"].idxmax()]
+    caption = (f"Mean mastered share of the task space over seeds (stage 07, curricula). The highest at the end: {best['teacher']} "
+               f"with {best['mastered']:.2f} at unlearnable share {best['fraction']:g}.")
+    return fig, caption

@@ -4,7 +4,7 @@
 
 Every executed notebook in ``reports/notebooks/`` becomes ``reports/html/<name>.html``
 (nbconvert, figures embedded as data URIs so a page is one self-contained file), and the
-index links them in stage order above the headline and claims tables that stage 07 wrote
+index links them in stage order above the headline and claims tables that stage 08 wrote
 to ``reports/tables/``. Runs after the stage-07 notebook, so the report page is included.
 """
 from __future__ import annotations
@@ -92,7 +92,7 @@ def write_index(root: Path, pages: list[Path]) -> Path:
             df = pd.read_csv(path, keep_default_na=False)
             parts += [f"<p class='note'>{html.escape(note)}</p>", _table(df.drop(columns=["key"], errors="ignore"), col)]
         else:
-            parts.append(f"<p class='note'>{html.escape(str(path))} is missing: run stage 07 (dvc repro report).</p>")
+            parts.append(f"<p class='note'>{html.escape(str(path))} is missing: run stage 08 (dvc repro report).</p>")
     parts.append("</body></html>")
     index = root / "reports" / "html" / "index.html"
     index.parent.mkdir(parents=True, exist_ok=True)

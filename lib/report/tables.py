@@ -1,4 +1,4 @@
-"""Stage 07: the report's tables, read only from what the earlier stages wrote.
+"""Stage 08: the report's tables, read only from what the earlier stages wrote.
 
 Nothing here trains or scores a model: the headline table comes from ``metrics/*.json`` and
 the per-skill table ``plots/merge_route_per_skill.csv``; the claims table from
@@ -18,7 +18,7 @@ from lib.report.claims import best_system, evaluate_claims
 from lib.core.io import read_json
 
 # The stages' metrics files, in pipeline order.
-METRICS = ("synthesize", "base", "experts", "merge_route", "continual", "localize")
+METRICS = ("synthesize", "base", "experts", "merge_route", "continual", "localize", "curricula")
 
 
 class MissingInput(FileNotFoundError):
