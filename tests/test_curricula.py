@@ -332,3 +332,11 @@ def test_curricula_typo_and_skills_outside_training_are_refused(tmp_path):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     with pytest.raises(ParamsError, match=r"curricula.skill_it.skills \['mindigit'\] not in skills.train"):
         load(["skills", "curricula"], tmp_path / "params.yaml")
+
+
+def test_refusal_metrics_keep_each_digit_count():
+    from lib.curricula import study as ST
+
+    per = ST.refusal_metrics(_results())["per_digit"]
+    assert per["auto_cei"]["3"]["refusal_rate"]["mean"] == pytest.approx(0.95)
+    assert per["sft"]["1"]["accuracy"]["mean"] == 1.0 and per["sft"]["3"]["precision"]["n"] == 0  # precision undefined there

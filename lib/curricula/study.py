@@ -133,7 +133,12 @@ def refusal_metrics(results, limit: float = 0.5) -> dict:
             if beyond and within:
                 gaps[r["seed"]] = float(np.mean(beyond) - np.mean(within))
         out["refusal_beyond_minus_within"] = t_interval(list(gaps.values()))
+        out["refusal_beyond_minus_within_per_seed"] = {str(s): g for s, g in gaps.items()}
         out["c1"] = {str(r["seed"]): {k: r["auto_cei"][k] for k in ("c1_start", "c1_step", "c2", "c1_best")} for r in runs}
+    if runs:
+        table = refusal_table(results)
+        out["per_digit"] = {m: {str(d): {k: t_interval(g[k].dropna().tolist()) for k in ("accuracy", "precision", "refusal_rate")}
+                                for d, g in table[table["method"] == m].groupby("digits")} for m in methods}
     return out
 
 
