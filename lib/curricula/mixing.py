@@ -23,7 +23,7 @@ import numpy as np
 from lib.core.sft_data import encode, make_batches, mean_loss
 from lib.curricula import skill_it
 from lib.curricula.student import Optimizer, load_student
-from lib.curricula.teaching import stable_seed
+from lib.continual.loop import stable_seed
 
 METHODS = ("uniform", "skill_it")
 
@@ -105,4 +105,4 @@ def run_mixture(job: dict) -> dict:
             pa = [train[S.skills[i]][rng.integers(len(train[S.skills[i]]))] for i in picks]
             opt.step(tok, [x for x, _ in pa], [a for _, a in pa])
     return {"method": method, "seed": seed, "curve": curve, "steps_to_target": steps_to_target(curve, S.target_loss, S.steps),
-            "seconds": time.perf_counter() - t0}
+            "reached": any(max(c["loss"].values()) <= S.target_loss for c in curve), "seconds": time.perf_counter() - t0}

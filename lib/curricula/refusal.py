@@ -37,7 +37,7 @@ from lib.core.evaluation import CORRECT, REFUSED, evaluate, max_new_tokens_for, 
 from lib.curricula import auto_cei as AC
 from lib.curricula.space import add_operands
 from lib.curricula.student import Optimizer, load_student, sample_answers
-from lib.curricula.teaching import stable_seed
+from lib.continual.loop import stable_seed
 
 IDK = "idk"
 METHODS = ("sft", "r_tuning", "ei", "auto_cei")

@@ -158,14 +158,8 @@ def mixture_metrics(results, C) -> dict:
             "target_loss": C.skill_it.target_loss, "budget": C.skill_it.steps,
             "steps_to_target": {m: t_interval(list(v.values())) for m, v in steps.items()},
             "steps_to_target_per_seed": {m: {str(s): v for s, v in d.items()} for m, d in steps.items()},
-            "reached": {m: int(sum(v < C.skill_it.steps or _reached_at_end(runs, m, s, C) for s, v in d.items()))
-                        for m, d in steps.items()},
+            "reached": {m: int(sum(r["reached"] for r in runs if r["method"] == m)) for m in steps},
             "skill_it_minus_uniform": _paired(steps["skill_it"], steps["uniform"])}
-
-
-def _reached_at_end(runs, method, seed, C) -> bool:
-    r = next(x for x in runs if x["method"] == method and x["seed"] == seed)
-    return max(r["curve"][-1]["loss"].values()) <= C.skill_it.target_loss
 
 
 # --------------------------------------------------------------------------- outputs

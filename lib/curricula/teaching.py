@@ -17,16 +17,12 @@ import time
 
 import numpy as np
 
+from lib.continual.loop import stable_seed
 from lib.curricula.space import AddSpace
 from lib.curricula.student import Optimizer, greedy_correct, load_student
 from lib.curricula.teachers import TEACHERS
 
 BOX = [(0.0, 1.0), (0.0, 1.0)]
-
-
-def stable_seed(*parts: object) -> int:
-    """A 31-bit seed from any parts (stable across processes)."""
-    return random.Random(":".join(map(str, parts))).randrange(2**31)
 
 
 def heldout(space: AddSpace, n: int) -> list[dict]:
