@@ -20,10 +20,11 @@ from pathlib import Path
 from . import common, report
 
 RESULTS = common.REPO / "bench" / "results"
+ROOTED = ("training", "eval")  # parts that measure a project's own models, so --root can name another
 README = common.REPO / "README.md"
 
 
-def _run_part(part: str, quick: bool, keep: bool):
+def _run_part(part: str, quick: bool, keep: bool, root: Path | None = None):
     if part == "training":
         from .train_speed import run
     elif part == "eval":
@@ -34,7 +35,8 @@ def _run_part(part: str, quick: bool, keep: bool):
         from .pipeline import run
 
         return run(quick=quick, keep=keep)
-    return run(quick=quick)
+    # --root: the training and eval parts on another project's models (e.g. the smollm2 profile's)
+    return run(quick=quick, root=root) if root is not None and part in ROOTED else run(quick=quick)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="results folder (default bench/results, or bench/results/quick)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads in this process (default: usable cores)")
     ap.add_argument("--keep", action="store_true", help="keep the pipeline's scratch project")
+    ap.add_argument("--root", type=Path, default=None,
+                    help=f"project whose models and params the {' and '.join(ROOTED)} parts measure (default: this "
+                         "repository), e.g. a scratch project where the smollm2 profile ran")
     ap.add_argument("--report-only", action="store_true",
                     help="measure nothing: rebuild summary.md and the figures from the JSONs in the results folder")
     readme = ap.add_mutually_exclusive_group()
@@ -56,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown part(s) {unknown}; known parts: {', '.join(report.PARTS)}", file=sys.stderr)
         return 2
     parts = args.parts or list(report.PARTS)
+    if args.root is not None and set(parts) - set(ROOTED):
+        print(f"error: --root applies to the {' and '.join(ROOTED)} parts only; name them", file=sys.stderr)
+        return 2
     out = args.out or (RESULTS / "quick" if args.quick else RESULTS)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -70,9 +78,10 @@ def main(argv: list[str] | None = None) -> int:
 
     for part in [] if args.report_only else parts:
         print(f"== bench {part}{' (quick)' if args.quick else ''}", file=sys.stderr, flush=True)
-        meta = {"part": part, "quick": args.quick, "started": common.now(), "machine": common.machine()}
+        meta = {"part": part, "quick": args.quick, "started": common.now(), "machine": common.machine(),
+                **({"root": str(args.root)} if args.root is not None else {})}
         t0 = time.perf_counter()
-        result = _run_part(part, args.quick, args.keep)
+        result = _run_part(part, args.quick, args.keep, args.root)
         meta.update(wall_s=time.perf_counter() - t0, load_avg_end=round(os.getloadavg()[0], 2))
         write_json(out / f"{part}.json", {"meta": meta, **result})
         print(f"   {part}: {meta['wall_s']:.0f} s -> {out / (part + '.json')}", file=sys.stderr, flush=True)

@@ -146,3 +146,37 @@ def set_dotted(d: dict, dotted: str, value) -> dict:
         node = node.setdefault(p, {})
     node[last] = value
     return d
+
+
+def train_tiny_teacher(path: Path, skill_name: str, steps: int = 200) -> None:
+    """A 2-layer Llama over the character tokenizer, trained to write lines of ``skill_name`` prompts."""
+    import random
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lib import skills as skill_lib
+    from lib.core.tokenization import build_char_tokenizer
+
+    tok = build_char_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+        intermediate_size=128, max_position_embeddings=256,
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    ))
+    skill = skill_lib.get_skill(skill_name)
+    rng = random.Random(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        batch = ["\n".join(skill.generate(rng, 4) for _ in range(4)) + "\n" for _ in range(16)]
+        enc = tok(batch, return_tensors="pt", padding=True, add_special_tokens=False)
+        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        loss = model(**enc, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert loss.item() < 1.5, f"the tiny teacher did not learn the prompt format (loss {loss.item():.2f})"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)

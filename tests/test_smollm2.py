@@ -94,3 +94,52 @@ def test_two_lora_steps_lower_the_loss(converted):
         opt.zero_grad()
     assert losses[2] < losses[0], losses
     peft_model.unload()  # the module fixture's model back as it was
+
+
+def test_the_profile_validates_and_names_the_packaged_model(workdir):
+    """`python -m lib.cli.profile smollm2` on a fresh params.yaml: every section valid, across
+    sections too, and the base and the teacher are the packaged file."""
+    import yaml
+
+    from lib.cli.profile import apply
+    from lib.core import config
+
+    merged = apply("smollm2", workdir / "params.yaml")
+    cfg = config.load(list(merged), workdir / "params.yaml")
+    assert cfg["model"].base == cfg["synthesize"].teacher.model == SPEC
+    assert gguf.resolve(SPEC).stat().st_size > 50e6
+    assert set(cfg["synthesize"].teacher.compare_skills) <= set(cfg["skills"].train)
+    assert set(cfg["continual"].tasks) <= set(cfg["skills"].train)
+    assert cfg["localize"].sources == ["lora"] and cfg["experts"].replay == 0
+    assert yaml.safe_load((workdir / "params.yaml").read_text())["model"]["base"] == SPEC
+
+
+def test_a_profile_that_breaks_a_rule_across_sections_is_refused(workdir):
+    from lib.cli.profile import apply
+    from lib.core import config
+
+    (workdir / "profiles" / "bad.yaml").write_text("skills:\n  train: [inc, count, sort, upper]\n")
+    before = (workdir / "params.yaml").read_text()
+    with pytest.raises(config.ParamsError, match=r"levels.skills \[.*\] not in skills.train"):
+        apply("bad", workdir / "params.yaml")
+    assert (workdir / "params.yaml").read_text() == before  # nothing written
+
+
+def test_the_gpu_scale_restores_the_default_skills_and_methods_on_the_real_base(workdir):
+    """`smollm2_gpu` alone: the default profile's skills and method lists, on SmolLM2."""
+    import yaml
+
+    from lib.cli.profile import apply
+    from lib.core import config
+
+    default = yaml.safe_load((workdir / "params.yaml").read_text())
+    merged = apply("smollm2_gpu", workdir / "params.yaml")
+    cfg = config.load(list(merged), workdir / "params.yaml")
+    assert cfg["model"].base == cfg["synthesize"].teacher.model == SPEC
+    assert cfg["experts"].replay == 0 and cfg["experts"].rank == 8
+    assert cfg["skills"].train == default["skills"]["train"]
+    for key in ("merges", "peft_merges", "routers"):
+        assert merged["merge_route"][key] == default["merge_route"][key]
+    assert merged["continual"]["strategies"] == default["continual"]["strategies"]
+    assert merged["curricula"]["teachers"]["names"] == default["curricula"]["teachers"]["names"]
+    assert cfg["localize"].sources == ["full_ft", "lora"]

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 import re
 import shutil
 from pathlib import Path
@@ -13,7 +12,7 @@ import pytest
 import yaml
 from datasets import DatasetDict
 
-from conftest import DATA, make_workdir
+from conftest import DATA, make_workdir, train_tiny_teacher
 from lib.core.config import make as make_params
 from lib.core import config
 from lib.core import data
@@ -331,42 +330,9 @@ def test_missing_teacher_is_a_clear_error(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def _train_tiny_teacher(path: Path, skill_name: str, steps: int = 200) -> None:
-    """A 2-layer Llama over the character tokenizer, trained to write lines of ``skill_name`` prompts."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from lib.core.tokenization import build_char_tokenizer
-
-    tok = build_char_tokenizer()
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-        intermediate_size=128, max_position_embeddings=256,
-        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-    ))
-    skill = skill_lib.get_skill(skill_name)
-    rng = random.Random(0)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(steps):
-        batch = ["\n".join(skill.generate(rng, 4) for _ in range(4)) + "\n" for _ in range(16)]
-        enc = tok(batch, return_tensors="pt", padding=True, add_special_tokens=False)
-        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
-        loss = model(**enc, labels=labels).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    assert loss.item() < 1.5, f"the tiny teacher did not learn the prompt format (loss {loss.item():.2f})"
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-
-
-
-
 def test_teacher_path_end_to_end(tmp_path, one_thread):
     path = tmp_path / "teacher"
-    _train_tiny_teacher(path, "reverse")
+    train_tiny_teacher(path, "reverse")
     assert (path / "model.safetensors").exists()
     S = make_params(SkillsParams, train=["reverse"], heldout=[], difficulty={"default": 4})
     P = make_params(SynthesizeParams, 
@@ -378,11 +344,13 @@ def test_teacher_path_end_to_end(tmp_path, one_thread):
     assert summary["source"] == "teacher"
     report = summary["teacher"]["reverse"]
     rejected = {k: v for k, v in report.items() if k.startswith("rejected: ")}
-    assert set(report) == {"generated", "kept", *rejected}
+    assert set(report) == {"generated", "kept", "examples", *rejected}
     assert report["generated"] == P.teacher.n_candidates
     assert report["generated"] == report["kept"] + sum(rejected.values())
     assert report["kept"] > P.n_val, report
     assert report["kept"] >= report["generated"] // 4, f"the teacher should mostly write valid prompts: {report}"
+    # a few prompts of each outcome, the kept ones among those trained on
+    assert set(report["examples"]) == {"kept", *rejected} and 0 < len(report["examples"]["kept"]) <= 5
 
     ds = data.load(out / "skills" / "reverse", data.SPLITS)
     data.verify(ds, out / "skills" / "reverse")

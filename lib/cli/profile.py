@@ -20,8 +20,9 @@ from lib.core import config
 
 def apply(profile: str, params: str | Path = "params.yaml") -> dict:
     merged = config.read_params(params, profile)
-    for section, values in merged.items():
-        config.validate_section(section, values, f"{params} + profile {profile}")
+    where = f"{params} + profile {profile}"
+    config.check_across_sections({section: config.validate_section(section, values, where)
+                                  for section, values in merged.items()}, where)
     Path(params).write_text(f"# params.yaml with profile {profile!r} applied (python -m lib.cli.profile)\n"
                             + yaml.safe_dump(merged, sort_keys=False))
     # The notebooks' parameters cells follow, so a notebook run by hand in JupyterLab reads the

@@ -153,6 +153,8 @@ class TeacherParams(Section):
     top_p: float = Field(gt=0, le=1)
     max_new_tokens: int = Field(ge=1)
     batch_size: int = Field(ge=1)
+    compare_skills: list[str] = Field(description="stage teacher_data: these skills' experts also trained on the "
+                                      "teacher's prompts, against the study's experts ([]: skip)")
 
 
 # Counts the schema's bounds allow but a later step cannot use: the least each may be (0 still
@@ -863,6 +865,14 @@ def check_across_sections(out: dict, path: str | Path) -> None:
         raise ParamsError(f"{path}: merge_route.arrow.top_k {mr.arrow.top_k} is more than the {len(skills.train)} "
                           f"experts of skills.train (routers {[r for r in mr.routers if r in ARROW_ROUTERS]} mix "
                           "top_k of them per token); lower it")
+    if syn is not None and set(syn.teacher.compare_skills) - set(skills.train):
+        raise ParamsError(f"{path}: synthesize.teacher.compare_skills "
+                          f"{[s for s in syn.teacher.compare_skills if s not in skills.train]} not in skills.train "
+                          f"{skills.train}: the comparison is against the study's experts of those skills")
+    if syn is not None and syn.teacher.compare_skills and not syn.teacher.model:
+        raise ParamsError(f"{path}: synthesize.teacher.compare_skills is {syn.teacher.compare_skills} but "
+                          "synthesize.teacher.model is not set: name the teacher (a local path, hub id or "
+                          "'<package>:<file>.gguf')")
     cu = out.get("curricula")
     if cu is not None and set(cu.skill_it.skills) - set(skills.train):
         raise ParamsError(f"{path}: curricula.skill_it.skills {[s for s in cu.skill_it.skills if s not in skills.train]} not "

@@ -100,8 +100,10 @@ def train_one(job: dict, progress: bool = False) -> dict:
     if job["name"] == "general":  # plain language modelling on the corpus itself: nothing to replay
         train = data.load(Path(job["corpus"]), ("train",))["train"]
     else:
+        # ``data``: another dataset folder for a skill's expert (stage teacher_data's generated prompts)
+        skill_data = Path(job.get("data") or root / "datasets" / "skills" / job["name"])
         train = (joint_train_set(job["skills"], root, job["seed"]) if job["name"] == "joint" else
-                 data.load(root / "datasets" / "skills" / job["name"], ("train",), verify_answers=True)["train"])
+                 data.load(skill_data, ("train",), verify_answers=True)["train"])
         train = with_replay(train, root, e.replay, job["seed"], job["name"], Path(job["corpus"]))
     resolved = {"experts": job["experts"], "name": job["name"], "seed": job["seed"], "steps": job["steps"],
                 **({"budget": job["budget"], "skills": job["skills"]} if job["name"] == "joint" else {})}

@@ -14,6 +14,22 @@ MAIN = "main"
 only the joint LoRAs of ``levels.skills``; its base and experts are the main study's."""
 
 
+def skipped(cfg: dict) -> str | None:
+    """Why the levels do not apply to this study, or None. A level is a scratch base pretrained on
+    a corpus with another share of alias lines; a pretrained base (``model.base`` not ``scratch``)
+    learnt from a corpus nobody here controls, so there is no level to vary: both level stages
+    then record the reason instead of training or scoring anything."""
+    base = cfg["model"].base
+    if base == "scratch":
+        return None
+    return (f"model.base is {base!r}: the levels vary the pretraining corpus of a scratch base, which a "
+            "pretrained base does not have")
+
+
+def skipped_path(root: Path) -> Path:
+    return root / "models" / "levels" / "skipped.json"
+
+
 def level_name(fraction: float) -> str:
     """A further level's folder and metrics name: its fraction as ``str(float)`` writes it ("0.0", "0.35")."""
     return str(float(fraction))

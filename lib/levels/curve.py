@@ -31,6 +31,8 @@ def read_levels(root: Path, fractions: list[float]) -> dict[float, dict]:
     if not path.is_file():
         raise MissingMetric(f"{path}: missing; run its stage (dvc repro level_score)")
     found = json.loads(path.read_text())
+    if "skipped" in found:
+        raise MissingMetric(f"{path}: the levels were not run: {found['skipped']}")
     missing = [f for f in fractions if level_name(f) not in found]
     if missing:
         raise MissingMetric(f"{path}: no level {missing} (it has {sorted(found)}); rerun stage level_score")

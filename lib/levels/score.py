@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 
 from lib.core import config, data, io
-from lib.levels.common import MAIN, SECTIONS, adapter_dirs, cli, level_dir, level_name, metrics_path, study_seeds
+from lib.levels.common import (MAIN, SECTIONS, adapter_dirs, cli, level_dir, level_name, metrics_path, skipped,
+                               study_seeds)
 
 JOINT = "joint_total_steps"
 
@@ -108,6 +109,10 @@ def score_all(root: str | Path = ".", params: str = "params.yaml", profile: str 
 
     root = Path(root)
     cfg = config.load(SECTIONS, root / params, profile)
+    reason = skipped(cfg)
+    if reason:  # stage levels recorded the same reason; the report says it in place of the curve
+        io.write_json(metrics_path(root), {"skipped": reason})
+        return {}
     levels = {level_name(f): float(f) for f in cfg["levels"].fractions} | {MAIN: cfg["synthesize"].corpus_skill_fraction}
     for name in levels:
         if not (level_dir(root, name) / "level_info.json").is_file():

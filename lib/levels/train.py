@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from lib.core import config, data, io
-from lib.levels.common import MAIN, SECTIONS, cli, level_dir, level_name, seed_dir, study_seeds
+from lib.levels.common import MAIN, SECTIONS, cli, level_dir, level_name, seed_dir, skipped, skipped_path, study_seeds
 
 
 def build_base(cfg: dict, f: float, out: Path, progress: bool = True) -> dict:
@@ -76,6 +76,14 @@ def train(root: str | Path = ".", params: str = "params.yaml", profile: str | No
 
     root = Path(root)
     cfg = config.load(SECTIONS, root / params, profile)
+    reason = skipped(cfg)
+    if reason:
+        import shutil
+
+        shutil.rmtree(root / "models" / "levels", ignore_errors=True)
+        io.write_json(skipped_path(root), {"skipped": reason})
+        print(f"levels skipped: {reason}", file=sys.stderr)
+        return {}
     check_local(root / "models" / "base")  # the main level's joint LoRAs train on it
     workers = cfg["levels"].workers
     fractions = {level_name(f): float(f) for f in cfg["levels"].fractions}

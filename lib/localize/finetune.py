@@ -127,6 +127,12 @@ def run_all(skills: list[str] | None = None, root: str | Path = ".", params: str
 
     root = Path(root)
     cfg = config.load(["skills", "localize"], root / params, profile)
+    if "full_ft" not in cfg["localize"].sources:
+        # Grafting only the LoRA experts' ΔW (a profile whose base is too large to fine-tune fully
+        # on its machine): nothing to train; the folder stays, empty, as the stage's output.
+        remove_stale(root / "models" / "finetuned", [])
+        (root / "models" / "finetuned").mkdir(parents=True, exist_ok=True)
+        return {}
     if skills is None:
         skills = list(cfg["skills"].train)
         remove_stale(root / "models" / "finetuned", skills)

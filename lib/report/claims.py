@@ -8,8 +8,11 @@ One rule decides every verdict, so a reader can check it by eye:
   interval);
 * **held** when the two intervals do not overlap and the order is the claimed one;
   **did not hold** when they do not overlap and the order is the opposite one;
-  **inconclusive** when they overlap, or when an input the claim needs is missing from
-  this run (the verdict then says which).
+  **inconclusive** when they overlap, or when an input is null (the stage ran, but the data
+  left it undefined);
+  **not measured** when an input the claim needs is missing from this run (a stage or a
+  method the profile left out; the row says which). That is no verdict about data, and is
+  counted apart, so a profile that runs fewer methods does not pass for an inconclusive one.
 
 Non-overlapping 95% intervals is a conservative test of a difference: it can call a real
 effect inconclusive, but it does not call noise a result.
@@ -22,7 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-HELD, NOT_HELD, INCONCLUSIVE = "held", "did not hold", "inconclusive"
+HELD, NOT_HELD, INCONCLUSIVE, NOT_MEASURED = "held", "did not hold", "inconclusive", "not measured"
+VERDICTS = (HELD, NOT_HELD, INCONCLUSIVE, NOT_MEASURED)
 
 
 @dataclass(frozen=True)
@@ -39,7 +43,7 @@ class Interval:
     def of(cls, ci: dict) -> "Interval":
         """From the stages' CI dicts: {"mean", "lo", "hi"}; a null (not computable) value is missing."""
         if any(ci.get(k) is None for k in ("mean", "lo", "hi")):
-            raise MissingMetric(f"a value of {ci} (null: the stage could not compute it)")
+            raise NullMetric(f"a value of {ci} (null: the stage could not compute it)")
         return cls(float(ci["mean"]), float(ci["lo"]), float(ci["hi"]))
 
     def __str__(self) -> str:
@@ -69,6 +73,11 @@ class Outcome:
 
 class MissingMetric(KeyError):
     """A claim's input is not in this run's metrics (its stage did not run or wrote no such key)."""
+
+
+class NullMetric(MissingMetric):
+    """A claim's input is there but null: the stage ran and the data left it undefined (e.g. a
+    normalised accuracy where every expert scored 0). A verdict about data: inconclusive."""
 
 
 def _get(metrics: dict, *path: str):
@@ -204,15 +213,21 @@ def della(m: dict) -> Outcome:
     return _beats_every(m, [("merge:della", "merge:dare_ties"), ("merge:della", "merge:ties")], _NORM)
 
 
-def _recovery(m: dict, sparsity: float, kind: str = "graft", source: str = "full_ft") -> tuple[str, Interval]:
+def _recovery(m: dict, sparsity: float, kind: str = "graft") -> tuple[str, str, Interval]:
+    """``(source, sparsity key, recovery)`` nearest ``sparsity``: on the full fine-tuning's update
+    as the paper grafts, or on the LoRA experts' ΔW where the run has only those (a profile too
+    large for full fine-tuning on its machine)."""
+    sources = _get(m, "localize", "recovery")
+    source = "full_ft" if "full_ft" in sources else "lora"
     table = _get(m, "localize", "recovery", source, kind)
     key = min(table, key=lambda s: abs(float(s) - sparsity))
-    return key, Interval.of(table[key])
+    return source, key, Interval.of(table[key])
 
 
 def localization_sparse(m: dict) -> Outcome:
-    key, a = _recovery(m, 1e-4)
-    return Outcome(f"graft of {float(key):.4%} of the parameters recovers {a} of the fine-tuned accuracy "
+    source, key, a = _recovery(m, 1e-4)
+    of = "the fine-tuned accuracy" if source == "full_ft" else "the LoRA expert's accuracy (no full fine-tuning in this run)"
+    return Outcome(f"graft of {float(key):.4%} of the parameters recovers {a} of {of} "
                    "(threshold 0.95)", verdict(a, Interval.point(0.95), ">"))
 
 
@@ -260,6 +275,24 @@ def stability_gap(m: dict) -> Outcome:
     v = NOT_HELD if NOT_HELD in both else HELD if both == {HELD} else INCONCLUSIVE
     return Outcome(f"with replay, accuracy on earlier skills drops by {depth} just after a task switch "
                    f"and recovers by {rec} before the task ends", v)
+
+
+TEACHER_MARGIN = 0.05
+"""How much accuracy teacher-written data may lose against programmatic data and still "teach the
+skill as well": SELMA reports its auto-generated data on a par with human-written data, a
+non-inferiority claim, so the rule is the paired difference's interval against -0.05."""
+
+
+def teacher_data(m: dict) -> Outcome:
+    t = _get(m, "teacher_data")
+    if "skipped" in t:
+        raise MissingMetric(f"metrics/teacher_data.json (skipped: {t['skipped']})")
+    d, acc = Interval.of(t["difference"]), t["accuracy"]
+    a, b = Interval.of(acc["teacher"]), Interval.of(acc["programmatic"])
+    return Outcome(f"experts on teacher-written prompts {a} vs on programmatic prompts {b} (mean accuracy over "
+                   f"{', '.join(t['skills'])}); paired difference {d} over {t['difference'].get('n')} seeds, against "
+                   f"-{TEACHER_MARGIN}",
+                   verdict(d, Interval.point(-TEACHER_MARGIN), ">"))
 
 
 def _combine(verdicts: list[str]) -> str:
@@ -342,6 +375,8 @@ CLAIMS: list[Claim] = [
           "CART above task arithmetic and TIES on 8, 14 and 20 vision tasks", cart),
     Claim("della", "DELLA (Deep et al., 2024)", "magnitude-ranked drop merges better than DARE's uniform drop and TIES",
           "DELLA above DARE-TIES and TIES", della),
+    Claim("teacher_data", "SELMA (Li et al., 2024)", "prompts the model writes for itself teach the skill as well as programmatic ones",
+          "experts on auto-generated data perform on a par with those on human-written data", teacher_data),
     Claim("loc_sparse", "Skill localization (Panigrahi et al., 2023)", "about 0.01% of parameters carry the skill",
           "grafting ~0.01% of parameters recovers >95% of the fine-tuned accuracy", localization_sparse),
     Claim("loc_disjoint", "Skill localization (Panigrahi et al., 2023)", "different skills' regions are nearly disjoint (less overlap than random regions)",
@@ -373,8 +408,10 @@ def evaluate_claims(metrics: dict) -> list[dict]:
     for c in CLAIMS:
         try:
             out = c.compute(metrics)
+        except NullMetric as e:
+            out = Outcome(f"not computable in this run: {e.args[0]}", INCONCLUSIVE)
         except MissingMetric as e:
-            out = Outcome(f"not measured in this run: {e.args[0]} is missing", INCONCLUSIVE)
+            out = Outcome(f"not measured in this run: {e.args[0]} is missing", NOT_MEASURED)
         rows.append({"claim": c.claim, "source": c.source, "reported": c.reported,
                      "measured": out.measured, "verdict": out.verdict, "key": c.key})
     return rows

