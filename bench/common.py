@@ -177,7 +177,9 @@ def base_model_dir(root: Path, scratch: Path) -> tuple[Path, str]:
     the weights). Returns (directory, what it is)."""
     base = root / "models" / "base"
     if (base / "config.json").exists():
-        return base, "models/base (the default profile's pretrained base)"
+        source = params(root)["model"].base
+        return base, ("models/base (the default profile's pretrained base)" if source == "scratch" else
+                      f"models/base of {root} (model.base {source})")
     from lib.core.tokenization import build_char_tokenizer
     from lib.core.training import build_scratch_model
 

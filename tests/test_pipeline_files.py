@@ -79,10 +79,12 @@ def test_readme_path_filter():
 
 
 # Training steps are plain commands (no notebook): one per skill or budget, run by foreach.
-SINGLE_TRAINING_STEPS = {"adapters", "levels", "level_score", "finetune"}  # one stage, not one per item (a pool inside runs them all)
+SINGLE_TRAINING_STEPS = {"adapters", "levels", "level_score", "finetune", "teacher_data"}  # one stage, not one per item (a pool inside runs them all)
 # Training steps with their own module: stage 06's full fine-tuning (lib/localize/finetune.py),
-# and the levels of issue 15 (a level's base and adapters, and their scores).
-MODULE_OF_STEP = {"finetune": "lib.localize.finetune", "levels": "lib.levels.train", "level_score": "lib.levels.score"}
+# the levels of issue 15 (a level's base and adapters, and their scores) and issue 17's
+# teacher-data experts (lib/synth/teacher_study.py).
+MODULE_OF_STEP = {"finetune": "lib.localize.finetune", "levels": "lib.levels.train", "level_score": "lib.levels.score",
+                  "teacher_data": "lib.synth.teacher_study"}
 TRAINING_STEPS = {*SINGLE_TRAINING_STEPS, *MODULE_OF_STEP}
 
 

@@ -205,6 +205,13 @@ def test_a_claim_whose_stage_did_not_run_is_not_measured_and_says_why():
     assert rows["selma"]["verdict"] == HELD
 
 
+def test_a_difference_defined_on_one_seed_is_inconclusive_however_large():
+    m = metrics_fixture()
+    m["curricula"]["auto_cei"]["refusal_beyond_minus_within"] = {"mean": 0.25, "lo": 0.25, "hi": 0.25, "n": 1}
+    (row,) = [r for r in C.evaluate_claims(m) if r["key"] == "auto_cei_limit"]
+    assert row["verdict"] == INCONCLUSIVE and "1 seed only" in row["measured"]
+
+
 def test_skipped_teacher_comparison_is_not_measured():
     m = metrics_fixture()
     m["teacher_data"] = {"skipped": "synthesize.teacher.compare_skills is empty"}

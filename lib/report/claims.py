@@ -330,11 +330,19 @@ def auto_cei_precision(m: dict) -> Outcome:
                    f"(the bound: at most what SFT gets wrong{'; exceeded' if over else ''}) (seeds, paired)", v)
 
 
+def _one_seed(ci: dict) -> bool:
+    """A paired difference over seeds defined on one seed only: its "interval" is a point (lo = hi),
+    which would make any non-zero value look certain."""
+    return ci.get("n") is not None and ci["n"] < 2
+
+
 def auto_cei_limit(m: dict) -> Outcome:
     a = _get(m, "curricula", "auto_cei")
     d = Interval.of(a["refusal_beyond_minus_within"])
-    return Outcome(f"refusal rate on digit counts where SFT scores < {a['limit_accuracy']:g} minus where it scores more: {d} "
-                   "(seeds)", verdict(d, Interval.point(0.0), ">"))
+    what = f"refusal rate on digit counts where SFT scores < {a['limit_accuracy']:g} minus where it scores more: {d}"
+    if _one_seed(a["refusal_beyond_minus_within"]):  # the other seeds had no digit count on one side of the limit
+        return Outcome(f"{what} (defined on 1 seed only: no interval)", INCONCLUSIVE)
+    return Outcome(f"{what} (seeds)", verdict(d, Interval.point(0.0), ">"))
 
 
 def skill_it_sooner(m: dict) -> Outcome:
