@@ -54,6 +54,25 @@ def test_topk_mask_exact_count_and_ties_to_lower_index():
         assert count(G.topk_mask(scores, s)) == G.n_keep(s, 7)
 
 
+def test_topk_mask_equals_a_stable_descending_sort():
+    # The selection (k-th largest, then ties in flat order) must keep exactly what a stable
+    # descending argsort's first k keeps, including many ties and negative scores.
+    gen = torch.Generator().manual_seed(3)
+    scores = {"a": torch.randint(-4, 5, (37, 11), generator=gen).float(), "b": torch.randn(53, generator=gen).round()}
+    flat = torch.cat([t.reshape(-1) for t in scores.values()])
+    for s in (1 / 460, 0.01, 0.1, 0.37, 0.5, 0.9, 1.0):
+        k = G.n_keep(s, flat.numel())
+        ref = torch.zeros(flat.numel(), dtype=torch.bool)
+        ref[torch.argsort(flat, descending=True, stable=True)[:k]] = True
+        got = torch.cat([m.reshape(-1) for m in G.topk_mask(scores, s).values()])
+        assert torch.equal(got, ref), s
+
+
+def test_topk_mask_refuses_nan_scores():
+    with pytest.raises(G.GraftError, match="NaN"):
+        G.topk_mask({"a": T([1.0, float("nan"), 2.0])}, 0.5)
+
+
 def test_magnitude_mask_keeps_largest_absolute_updates_over_all_tensors():
     delta = {"w1": T([[0.1, -3.0], [0.2, 0.0]]), "w2": T([2.0, -0.5, 1.0])}
     m = G.magnitude_mask(delta, 3 / 7)
@@ -636,9 +655,12 @@ def test_recovery_study_is_the_same_in_worker_processes(tiny):
     tests, train = {"rev": test, "rev2": test.assign(skill="rev2")}, {"rev": ex, "rev2": ex}
     E = make_params(config.EvalParams, batch_size=64, n_boot=100)
     out = {}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
     for w in (1, 2):
         L = make_params(config.LocalizeParams, sparsities=[0.01, 0.1], mask_steps=2, mask_batch_size=8, workers=w)
         out[w] = LZ.recovery_study(model, tok, pre, deltas, tests, train, L, E, progress=False)
+    # one worker runs the jobs on the caller's model: every graft must be taken back out of it
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
     (t1, m1, r1), (t2, m2, r2) = out[1], out[2]
     pd.testing.assert_frame_equal(t1, t2)
     assert list(m1) == list(m2) and all(torch.equal(m1[k][n], m2[k][n]) for k in m1 for n in m1[k])

@@ -73,10 +73,18 @@ def topk_mask(scores: Mapping[str, Tensor], sparsity: float) -> Mask:
     """The ``n_keep(sparsity, n)`` entries with the largest score over all tensors together
     (one global ranking, as the paper's basepatch); ties go to the lower flat index."""
     flat = _flat(scores)
-    k = n_keep(sparsity, flat.numel())
-    order = torch.argsort(flat, descending=True, stable=True)
-    keep = torch.zeros(flat.numel(), dtype=torch.bool)
-    keep[order[:k]] = True
+    n = flat.numel()
+    k = n_keep(sparsity, n)
+    if torch.isnan(flat).any():
+        raise GraftError("scores contain NaN: a mask cannot rank them")
+    # The k-th largest score by selection, not a full sort: a stable argsort of the 1.06e8
+    # scores of a 135 M model took 14 s and 2 GB of int64 indices per mask. Everything above it
+    # is kept, then the ties at it in flat order, which is the stable sort's tie rule.
+    threshold = torch.kthvalue(flat, n - k + 1).values
+    keep = flat > threshold
+    missing = k - int(keep.sum())
+    if missing > 0:
+        keep[torch.nonzero(flat == threshold).squeeze(1)[:missing]] = True
     return _unflat(keep, scores)
 
 

@@ -316,8 +316,16 @@ def recovery_study(model, tok, pre, deltas_by_source: Mapping[str, Mapping[str, 
     # the tensors into shared memory instead of copying them, and every worker would then write
     # its grafts into one shared model (measured: wrong accuracies, by race).
     workers = L.workers if next(model.parameters()).device.type == "cpu" else 1
-    done = [pickle.loads(b) for b in pool_map(_recovery_job_pickled, [pickle.dumps(j) for j in jobs], workers,
-                                               on_done=lambda _: bar.update(1))]
+    if workers > 1:
+        done = [pickle.loads(b) for b in pool_map(_recovery_job_pickled, [pickle.dumps(j) for j in jobs], workers,
+                                                   on_done=lambda _: bar.update(1))]
+    else:
+        # In this process, one job at a time on the caller's model: pickling every job up front
+        # held a copy of the model, θ_pre and Δθ per job (1.4 GB each on a 135 M model).
+        done = []
+        for j in jobs:
+            done.append(_recovery_job(j))
+            bar.update(1)
     bar.close()
     rows, masks, results = [], {}, {}
     for r, m, res in done:
