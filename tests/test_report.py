@@ -212,6 +212,27 @@ def test_a_difference_defined_on_one_seed_is_inconclusive_however_large():
     assert row["verdict"] == INCONCLUSIVE and "1 seed only" in row["measured"]
 
 
+@pytest.mark.parametrize("key, path", [
+    ("teacher_data", ("teacher_data", "difference")),
+    ("alp_gmm", ("curricula", "teachers", "by_fraction", "0.5", "alp_gmm_minus_random")),
+    ("auto_cei", ("curricula", "auto_cei", "precision_minus", "sft")),
+    ("skill_it", ("curricula", "skill_it", "skill_it_minus_uniform")),
+])
+def test_every_paired_difference_on_one_seed_is_inconclusive(key, path):
+    # A clear difference on two seeds gives its verdict; the same value on one seed has no interval.
+    for n, expected in ((2, None), (1, INCONCLUSIVE)):
+        m = metrics_fixture()
+        node = m
+        for k in path[:-1]:
+            node = node[k]
+        node[path[-1]] = {"mean": 5.0, "lo": 4.0, "hi": 6.0, "n": n}
+        (row,) = [r for r in C.evaluate_claims(m) if r["key"] == key]
+        if expected is None:
+            assert row["verdict"] in (HELD, C.NOT_HELD), row
+        else:
+            assert row["verdict"] == expected and "1 seed only" in row["measured"], row
+
+
 def test_skipped_teacher_comparison_is_not_measured():
     m = metrics_fixture()
     m["teacher_data"] = {"skipped": "synthesize.teacher.compare_skills is empty"}

@@ -1,12 +1,8 @@
-"""What the levels' stages share: the params they read, where a level's models live, the command line."""
+"""What the levels' stages share: the params they read and where a level's models live."""
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
-from typing import Callable
 
-from lib.core import config
 
 SECTIONS = ["skills", "synthesize", "model", "experts", "replicates", "evaluation", "merge_route", "levels"]
 MAIN = "main"
@@ -62,24 +58,3 @@ def adapter_dirs(root: Path, name: str, seed: int, skills: list[str], main_seed:
     else:
         experts = seed_dir(root, name, seed) / "experts"
     return {s: experts / s for s in skills} | {"joint_total_steps": seed_dir(root, name, seed) / "joint" / "total_steps"}
-
-
-def cli(argv: list[str] | None, doc: str, step: Callable[..., dict], show: Callable[[dict], object]) -> int:
-    """A level stage's command line: ``[--params] [--profile] [--workdir]``; runs
-    ``step(workdir, params, profile)`` and prints ``show`` of its result, or one error line."""
-    from lib.core import data
-    from lib.core.modeling import ModelLoadError
-    from lib.core.training import TrainingDiverged
-
-    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--profile", default=None)
-    ap.add_argument("--workdir", default=".", help="project root (where params.yaml, datasets/ and models/ are)")
-    args = ap.parse_args(argv)
-    try:
-        found = step(args.workdir, args.params, args.profile)
-    except (config.ParamsError, data.DataError, ModelLoadError, TrainingDiverged) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(show(found))
-    return 0

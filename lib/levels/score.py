@@ -21,8 +21,9 @@ import sys
 import time
 from pathlib import Path
 
+from lib.cli import stage_command
 from lib.core import config, data, io
-from lib.levels.common import (MAIN, SECTIONS, adapter_dirs, cli, level_dir, level_name, metrics_path, skipped,
+from lib.levels.common import (MAIN, SECTIONS, adapter_dirs, level_dir, level_name, metrics_path, skipped,
                                study_seeds)
 
 JOINT = "joint_total_steps"
@@ -142,7 +143,7 @@ def score_all(root: str | Path = ".", params: str = "params.yaml", profile: str 
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli(argv, __doc__, score_all, lambda found: {n: {k: v["norm_acc"] for k, v in m["systems"].items()}
+    return stage_command.main(argv, __doc__, score_all, lambda found: {n: {k: v["norm_acc"] for k, v in m["systems"].items()}
                                                        for n, m in found.items()})
 
 

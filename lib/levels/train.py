@@ -24,8 +24,9 @@ import sys
 import time
 from pathlib import Path
 
+from lib.cli import stage_command
 from lib.core import config, data, io
-from lib.levels.common import MAIN, SECTIONS, cli, level_dir, level_name, seed_dir, skipped, skipped_path, study_seeds
+from lib.levels.common import MAIN, SECTIONS, level_dir, level_name, seed_dir, skipped, skipped_path, study_seeds
 
 
 def build_base(cfg: dict, f: float, out: Path, progress: bool = True) -> dict:
@@ -110,7 +111,7 @@ def train(root: str | Path = ".", params: str = "params.yaml", profile: str | No
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli(argv, __doc__, train, lambda found: {k: v["steps_run"] for k, v in found.items()})
+    return stage_command.main(argv, __doc__, train, lambda found: {k: v["steps_run"] for k, v in found.items()})
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ loss) and the settings of ``localize.finetune``. The model is written with
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import shutil
@@ -33,8 +32,7 @@ import time
 from pathlib import Path
 
 from lib.core import config, data
-from lib.core.modeling import ModelLoadError
-from lib.core.training import (RUN_KEY, FiniteLossGuard, LossThresholdStop, TrainingDiverged, check_finite, check_max_length,
+from lib.core.training import (RUN_KEY, FiniteLossGuard, LossThresholdStop, check_finite, check_max_length,
                                 check_target_modules, count_parameters, finished_run, loss_history, one_cpu_thread,
                                 publish_run, run_key, sft_rows, trainer_args)
 
@@ -143,21 +141,12 @@ def run_all(skills: list[str] | None = None, root: str | Path = ".", params: str
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("skills", nargs="*", help="training skills (default: every one in skills.train)")
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--profile", default=None)
-    ap.add_argument("--workdir", default=".", help="project root (where params.yaml, datasets/ and models/ are)")
-    args = ap.parse_args(argv)
-    try:
-        infos = run_all(args.skills or None, root=args.workdir, params=args.params, profile=args.profile)
-    except (config.ParamsError, data.DataError, ModelLoadError, TrainingDiverged) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    for skill, info in infos.items():
-        print(skill, {k: v for k, v in info.items() if k != "considered"})
-    return 0
+    from lib.cli import stage_command  # here: stage 06 imports this module for considered_names only
 
+    return stage_command.main(
+        argv, __doc__, lambda workdir, params, profile, skills: run_all(skills, root=workdir, params=params, profile=profile),
+        lambda infos: "\n".join(f"{skill} {({k: v for k, v in info.items() if k != 'considered'})}"
+                                for skill, info in infos.items()), skills=True)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -52,6 +52,15 @@ class Interval:
         return f"{self.mean:.3f} [{self.lo:.3f}, {self.hi:.3f}]"
 
 
+def paired(ci: dict) -> Interval:
+    """A difference paired over seeds (the stages' dicts carry ``n``, the seeds it is defined on).
+    On one seed its "interval" is a point (lo = hi), which would make any non-zero value look
+    certain: that is no interval, so NullMetric (the claim is inconclusive, and says why)."""
+    if ci.get("n") is not None and ci["n"] < 2:
+        raise NullMetric(f"a paired difference over seeds defined on {ci['n']} seed only ({ci.get('mean')}): no interval")
+    return Interval.of(ci)
+
+
 def verdict(a: Interval, b: Interval, claimed: str = ">") -> str:
     """The rule in the module docstring: claimed order of a and b, by interval overlap."""
     if claimed not in (">", "<"):
@@ -287,7 +296,7 @@ def teacher_data(m: dict) -> Outcome:
     t = _get(m, "teacher_data")
     if "skipped" in t:
         raise MissingMetric(f"metrics/teacher_data.json (skipped: {t['skipped']})")
-    d, acc = Interval.of(t["difference"]), t["accuracy"]
+    d, acc = paired(t["difference"]), t["accuracy"]
     a, b = Interval.of(acc["teacher"]), Interval.of(acc["programmatic"])
     return Outcome(f"experts on teacher-written prompts {a} vs on programmatic prompts {b} (mean accuracy over "
                    f"{', '.join(t['skills'])}); paired difference {d} over {t['difference'].get('n')} seeds, against "
@@ -306,7 +315,7 @@ def alp_gmm_masters_more(m: dict) -> Outcome:
     for f, e in sorted(by.items(), key=lambda kv: float(kv[0])):
         if float(f) == 0 or "alp_gmm_minus_random" not in e:
             continue
-        d = Interval.of(e["alp_gmm_minus_random"])
+        d = paired(e["alp_gmm_minus_random"])
         verdicts.append(verdict(d, Interval.point(0.0), ">"))
         parts.append(f"unlearnable {float(e['unlearnable_area']):.2f} of the space: ALP-GMM {Interval.of(e['mastered']['alp_gmm'])} "
                      f"vs Random {Interval.of(e['mastered']['random'])}, paired difference {d}")
@@ -319,10 +328,10 @@ def auto_cei_precision(m: dict) -> Outcome:
     a = _get(m, "curricula", "auto_cei")
     parts, verdicts = [], []
     for b in ("sft", "ei"):
-        d = Interval.of(a.get("precision_minus", {}).get(b, {}))
+        d = paired(a.get("precision_minus", {}).get(b, {}))
         verdicts.append(verdict(d, Interval.point(0.0), ">"))
         parts.append(f"precision − {b} {d}")
-    bound = Interval.of(a["refusal_minus_sft_error"])
+    bound = paired(a["refusal_minus_sft_error"])
     over = verdict(bound, Interval.point(0.0), "<") == NOT_HELD  # refuses clearly more than SFT gets wrong
     v = NOT_HELD if over else _combine(verdicts)
     prec = Interval.of(a["methods"]["auto_cei"]["precision"])
@@ -330,24 +339,16 @@ def auto_cei_precision(m: dict) -> Outcome:
                    f"(the bound: at most what SFT gets wrong{'; exceeded' if over else ''}) (seeds, paired)", v)
 
 
-def _one_seed(ci: dict) -> bool:
-    """A paired difference over seeds defined on one seed only: its "interval" is a point (lo = hi),
-    which would make any non-zero value look certain."""
-    return ci.get("n") is not None and ci["n"] < 2
-
-
 def auto_cei_limit(m: dict) -> Outcome:
     a = _get(m, "curricula", "auto_cei")
-    d = Interval.of(a["refusal_beyond_minus_within"])
+    d = paired(a["refusal_beyond_minus_within"])  # seeds with no digit count on one side of the limit drop out
     what = f"refusal rate on digit counts where SFT scores < {a['limit_accuracy']:g} minus where it scores more: {d}"
-    if _one_seed(a["refusal_beyond_minus_within"]):  # the other seeds had no digit count on one side of the limit
-        return Outcome(f"{what} (defined on 1 seed only: no interval)", INCONCLUSIVE)
     return Outcome(f"{what} (seeds)", verdict(d, Interval.point(0.0), ">"))
 
 
 def skill_it_sooner(m: dict) -> Outcome:
     s = _get(m, "curricula", "skill_it")
-    d = Interval.of(s["skill_it_minus_uniform"])
+    d = paired(s["skill_it_minus_uniform"])
     st = s["steps_to_target"]
     return Outcome(f"steps until every skill's validation loss ≤ {s['target_loss']:g}: Skill-it {Interval.of(st['skill_it'])} "
                    f"vs uniform {Interval.of(st['uniform'])}, paired difference {d} (budget {s['budget']}; reached "

@@ -21,12 +21,12 @@ is the claim's input (:func:`lib.report.claims.teacher_data`). With ``compare_sk
 """
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
 import time
 from pathlib import Path
 
+from lib.cli import stage_command
 from lib.core import config, data, io
 
 SECTIONS = ["skills", "synthesize", "experts", "replicates", "evaluation"]
@@ -166,23 +166,10 @@ def run(root: str | Path = ".", params: str = "params.yaml", profile: str | None
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lib.core.modeling import ModelLoadError
-    from lib.core.training import TrainingDiverged
     from lib.experts.gguf import GGUFError
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--profile", default=None)
-    ap.add_argument("--workdir", default=".", help="project root (where params.yaml, datasets/ and models/ are)")
-    args = ap.parse_args(argv)
-    try:
-        found = run(args.workdir, args.params, args.profile)
-    except (config.ParamsError, data.DataError, ModelLoadError, TrainingDiverged, GGUFError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print({k: found[k] for k in ("skipped", "accuracy", "difference") if k in found})
-    return 0
-
+    return stage_command.main(argv, __doc__, run, lambda found: {k: found[k] for k in ("skipped", "accuracy", "difference")
+                                                                if k in found}, errors=(GGUFError,))
 
 if __name__ == "__main__":
     sys.exit(main())
