@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -150,3 +151,20 @@ def test_a_pretrained_base_skips_both_level_stages_and_says_why(tmp_path):
     assert score.score_all(tmp_path) == {}
     with pytest.raises(MissingMetric, match="the levels were not run: model.base is"):
         LV.table(tmp_path, raw["levels"]["fractions"], 0.7, MERGES)
+
+
+def test_every_seeds_experts_are_read_where_stage_adapters_writes_them(tmp_path):
+    # lib.experts.seeds is the one place the levels, the teacher-data study and the linearised
+    # study look for a seed's experts; it must agree with the jobs stage adapters trains.
+    from lib.experts import train
+    from lib.experts.seeds import experts_dir, study_seeds
+
+    cfg = config.load(["experts", "replicates"], Path("params.yaml"))
+    e = cfg["experts"]
+    assert study_seeds(cfg) == [e.seed, *cfg["replicates"].seeds]
+    jobs = train._primary_jobs(tmp_path, ["inc", "dec"], e)
+    jobs += [j for s in cfg["replicates"].seeds for j in train._replicate_jobs(tmp_path, ["inc", "dec"], e, s)]
+    written = {(j["seed"], j["name"]): Path(j["out"]) for j in jobs if j["name"] in ("inc", "dec")}
+    assert len(written) == 2 * len(study_seeds(cfg))
+    for (seed, skill), out in written.items():
+        assert experts_dir(tmp_path, seed, e.seed) / skill == out

@@ -15,7 +15,7 @@ from lib.core import config
 from lib.core.stats import mantel_spearman, mean_ci
 from lib.core import sft_data
 from lib.localize import grafting as G, study as LZ
-from lib.localize.finetune import considered_names
+from lib.localize.grafting import considered_names
 from lib.core.tokenization import build_char_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -112,6 +112,7 @@ BAD_PARAMS = [
     _row("unknown task order", "continual.orders", ["random"], ["unknown task order ['random']", "alternating"]),
     _row("replay fraction 1", "continual.replay.fraction", 1.0, ["1.0", "less than 1"]),
     _row("no continual workers", "continual.workers", 0, ["bad value 0", "greater than or equal to 1"]),
+    _row("no merge_route workers", "merge_route.workers", 0, ["bad value 0", "greater than or equal to 1"]),
     _row("negative EWC penalty", "continual.ewc.lam", -1.0, ["-1.0", "greater than or equal to 0"]),
     _row("unknown localize source", "localize.sources", ["full_ft", "adapter"], ["'adapter'"]),
     _row("nan rate", "continual.full_lr", float("nan"), ["nan", "finite number"]),
@@ -798,7 +799,7 @@ def test_localize_refuses_a_lora_expert_trained_with_other_params(tiny, tmp_path
     """Stage 06's LoRA source checks the recorded recipe as stages 03-05 do."""
     from lib.localize import grafting as G
     from lib.localize import study as LZ
-    from lib.localize.finetune import considered_names
+    from lib.localize.grafting import considered_names
 
     d = tmp_path / "models" / "experts" / "reverse"
     shutil.copytree(tiny["adapter"], d)

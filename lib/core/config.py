@@ -397,6 +397,8 @@ class MergeRouteParams(Section):
     """Stage 04: merging methods (weight-update space and peft's adapter space) and routers."""
 
     seed: int
+    workers: int = Field(ge=1, description="processes scoring replicates.seeds beside this one (one torch thread "
+                         "each; the numbers do not depend on the number). Each holds every expert's ΔW and their merges")
     merges: list[str]
     lam_grid: list[float] = Field(min_length=1,
                                   description="global scale λ of each summed merge, chosen on validation")

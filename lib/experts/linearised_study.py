@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from lib.core import config, io
+from lib.experts.seeds import study_seeds
 
 SECTIONS = ["skills", "experts", "replicates", "evaluation", "merge_route"]
 METHODS = ("task_arithmetic", "ties")
@@ -113,10 +114,10 @@ def run(root: Path, seeds: list[int], workers: int, out: Path, lr: float | None 
     cfg = config.load(SECTIONS, root / "params.yaml")
     e = cfg["experts"] if lr is None else cfg["experts"].model_copy(update={"lr": lr})
     models = root / "models" / "linearised" / f"lr{e.lr:g}"
-    study_seeds = [e.seed, *cfg["replicates"].seeds]
-    bad = [s for s in seeds if s not in study_seeds]
+    every = study_seeds(cfg)
+    bad = [s for s in seeds if s not in every]
     if bad:
-        raise config.ParamsError(f"seeds {bad} are not the study's ({study_seeds}): the ordinary experts to compare with "
+        raise config.ParamsError(f"seeds {bad} are not the study's ({every}): the ordinary experts to compare with "
                                  "exist for those only")
     t0 = time.perf_counter()
     jobs = [{"root": str(root.resolve()), "experts": e.model_dump(mode="json"), "seed": s, "skill": k,
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.workdir)
     try:
         cfg = config.load(SECTIONS, root / "params.yaml")
-        seeds = args.seeds or [cfg["experts"].seed, *cfg["replicates"].seeds]
+        seeds = args.seeds or study_seeds(cfg)
         found = run(root, seeds, args.workers, Path(args.out), args.lr)
     except (config.ParamsError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lib.experts.seeds import experts_dir
+
 
 SECTIONS = ["skills", "synthesize", "model", "experts", "replicates", "evaluation", "merge_route", "levels"]
 MAIN = "main"
@@ -45,16 +47,11 @@ def metrics_path(root: Path) -> Path:
     return root / "metrics" / "levels.json"
 
 
-def study_seeds(cfg: dict) -> list[int]:
-    """Every seed of the study, as stage 04 scores them: experts.seed, then replicates.seeds."""
-    return [cfg["experts"].seed, *cfg["replicates"].seeds]
-
-
 def adapter_dirs(root: Path, name: str, seed: int, skills: list[str], main_seed: int) -> dict[str, Path]:
     """A level's adapters for ``seed``: each skill's expert by name and the joint LoRA (joint_total_steps).
     At the main level the experts are the main study's (models/experts, models/replicates/<seed>/experts)."""
     if name == MAIN:
-        experts = root / "models" / ("experts" if seed == main_seed else f"replicates/{seed}/experts")
+        experts = experts_dir(root, seed, main_seed)
     else:
         experts = seed_dir(root, name, seed) / "experts"
     return {s: experts / s for s in skills} | {"joint_total_steps": seed_dir(root, name, seed) / "joint" / "total_steps"}

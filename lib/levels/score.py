@@ -23,8 +23,8 @@ from pathlib import Path
 
 from lib.cli import stage_command
 from lib.core import config, data, io
-from lib.levels.common import (MAIN, SECTIONS, adapter_dirs, level_dir, level_name, metrics_path, skipped,
-                               study_seeds)
+from lib.experts.seeds import study_seeds
+from lib.levels.common import MAIN, SECTIONS, adapter_dirs, level_dir, level_name, metrics_path, skipped
 
 JOINT = "joint_total_steps"
 

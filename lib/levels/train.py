@@ -26,7 +26,8 @@ from pathlib import Path
 
 from lib.cli import stage_command
 from lib.core import config, data, io
-from lib.levels.common import MAIN, SECTIONS, level_dir, level_name, seed_dir, skipped, skipped_path, study_seeds
+from lib.experts.seeds import study_seeds
+from lib.levels.common import MAIN, SECTIONS, level_dir, level_name, seed_dir, skipped, skipped_path
 
 
 def build_base(cfg: dict, f: float, out: Path, progress: bool = True) -> dict:

@@ -31,20 +31,12 @@ import sys
 import time
 from pathlib import Path
 
+from lib.cli import stage_command
 from lib.core import config, data
 from lib.core.training import (RUN_KEY, FiniteLossGuard, LossThresholdStop, check_finite, check_max_length,
-                                check_target_modules, count_parameters, finished_run, loss_history, one_cpu_thread,
+                                count_parameters, finished_run, loss_history, one_cpu_thread,
                                 publish_run, run_key, sft_rows, trainer_args)
-
-
-def considered_names(model, target_modules) -> list[str]:
-    """Names of the considered parameters: ``<module>.weight`` of every ``nn.Linear`` inside the
-    transformer blocks whose last name part is one of ``target_modules`` (never ``lm_head``)."""
-    import torch
-
-    targets = set(check_target_modules(model, target_modules))
-    return [f"{name}.weight" for name, mod in model.named_modules()
-            if isinstance(mod, torch.nn.Linear) and name.split(".")[-1] in targets and name != "lm_head"]
+from lib.localize.grafting import considered_names
 
 
 def train_full(base_dir: Path, train, f, target_modules, out_dir: Path, progress: bool = True,
@@ -141,8 +133,6 @@ def run_all(skills: list[str] | None = None, root: str | Path = ".", params: str
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lib.cli import stage_command  # here: stage 06 imports this module for considered_names only
-
     return stage_command.main(
         argv, __doc__, lambda workdir, params, profile, skills: run_all(skills, root=workdir, params=params, profile=profile),
         lambda infos: "\n".join(f"{skill} {({k: v for k, v in info.items() if k != 'considered'})}"

@@ -3,7 +3,7 @@ Models"): which few parameters of a fine-tuned update carry the skill.
 
 Notation. θ_pre: the base weights; θ_ft: the fine-tuned weights (full fine-tuning, or the
 base plus a LoRA expert's exact ΔW); Δθ = θ_ft − θ_pre over the **considered** parameters
-(the linear weights of the transformer blocks, see :mod:`lib.localize.finetune`); a mask γ ∈ {0,1}
+(the linear weights of the transformer blocks, see :func:`considered_names`); a mask γ ∈ {0,1}
 over those entries; the grafted model is θ_pre + γ ⊙ Δθ. Sparsity = fraction of the
 considered entries kept: a mask at sparsity s keeps exactly ``n_keep(s, n)`` entries.
 
@@ -33,6 +33,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 
 from lib.core.sft_data import collate, completion_loss
+from lib.core.training import check_target_modules
 
 Tensor = torch.Tensor
 Params = dict[str, Tensor]   # parameter name -> tensor
@@ -44,6 +45,14 @@ class GraftError(ValueError):
 
 
 # --------------------------------------------------------------------------- masks
+
+
+def considered_names(model, target_modules) -> list[str]:
+    """Names of the considered parameters: ``<module>.weight`` of every ``nn.Linear`` inside the
+    transformer blocks whose last name part is one of ``target_modules`` (never ``lm_head``)."""
+    targets = set(check_target_modules(model, target_modules))
+    return [f"{name}.weight" for name, mod in model.named_modules()
+            if isinstance(mod, torch.nn.Linear) and name.split(".")[-1] in targets and name != "lm_head"]
 
 
 def n_keep(sparsity: float, n: int) -> int:

@@ -101,7 +101,7 @@ def setup(workdir: str | Path, *, skills: dict, experts: dict, evaluation: dict,
     from lib.core.bench import seed_everything
     from lib.core.modeling import load_on_device
     from lib.core.training import one_cpu_thread
-    from lib.localize.finetune import considered_names
+    from lib.localize.grafting import considered_names
     from lib.skills import get_skill
 
     io.quiet_notebook()

@@ -111,7 +111,7 @@ def _examples(bench: Bench) -> dict:
 
 
 def start_replicates(st: MergeRoute, cfg: dict) -> None:
-    """Start scoring every seed in ``replicates.seeds`` in ``replicates.workers`` spawned
+    """Start scoring every seed in ``replicates.seeds`` in ``merge_route.workers`` spawned
     processes while this process scores the first seed; :func:`score_replicates` collects
     them. Every process runs one torch thread (this one too, from here on), so the two
     cores are both busy and a seed's numbers do not depend on the number of workers."""
@@ -126,7 +126,7 @@ def start_replicates(st: MergeRoute, cfg: dict) -> None:
     if not seeds:
         return
     params = {k: cfg[k].model_dump(mode="json") for k in ("skills", "experts", "evaluation", "merge_route")}
-    pool = ProcessPoolExecutor(max_workers=min(cfg["replicates"].workers, len(seeds)), mp_context=mp.get_context("spawn"))
+    pool = ProcessPoolExecutor(max_workers=min(cfg["merge_route"].workers, len(seeds)), mp_context=mp.get_context("spawn"))
     st.found["replicate_futures"] = {s: pool.submit(_score_replicate, {"root": os.getcwd(), "params": params, "seed": s})
                                      for s in seeds}
     pool.shutdown(wait=False)  # the futures still run; the workers exit once they are done

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from lib.cli import stage_command
 from lib.core import config, data, io
+from lib.experts.seeds import experts_dir, study_seeds
 
 SECTIONS = ["skills", "synthesize", "experts", "replicates", "evaluation"]
 
@@ -38,16 +39,6 @@ def out_dir(root: Path) -> Path:
 
 def metrics_path(root: Path) -> Path:
     return root / "metrics" / "teacher_data.json"
-
-
-def study_seeds(cfg: dict) -> list[int]:
-    return [cfg["experts"].seed, *cfg["replicates"].seeds]
-
-
-def study_expert(root: Path, seed: int, main_seed: int, skill: str) -> Path:
-    """The study's (programmatic-data) expert of ``skill`` on ``seed`` (stage adapters)."""
-    models = root / "models"
-    return (models / "experts" if seed == main_seed else models / "replicates" / str(seed) / "experts") / skill
 
 
 def generate(root: Path, cfg: dict, progress: bool = True) -> dict:
@@ -105,7 +96,7 @@ def score(root: Path, cfg: dict, progress: bool = True) -> dict:
     tests = {s: data.load(root / "datasets" / "skills" / s, ("test",))["test"] for s in names}
     for seed in study_seeds(cfg):
         paths = {(kind, s): path for s in names for kind, path in
-                 (("teacher", out_dir(root) / str(seed) / s), ("programmatic", study_expert(root, seed, e.seed, s)))}
+                 (("teacher", out_dir(root) / str(seed) / s), ("programmatic", experts_dir(root, seed, e.seed) / s))}
         base, tok = load_on_device(root / "models" / "base")
         model = None
         for (kind, skill), path in paths.items():
