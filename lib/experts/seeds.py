@@ -10,8 +10,12 @@ def study_seeds(cfg: dict) -> list[int]:
     return [cfg["experts"].seed, *cfg["replicates"].seeds]
 
 
+def replicate_dir(root: str | Path, seed: int) -> Path:
+    """Replicate ``seed``'s adapters (its experts and joint LoRA): models/replicates/<seed>."""
+    return Path(root) / "models" / "replicates" / str(seed)
+
+
 def experts_dir(root: str | Path, seed: int, main_seed: int) -> Path:
     """The experts trained with ``seed`` by stage adapters: models/experts for experts.seed
     (``main_seed``), models/replicates/<seed>/experts for a replicate."""
-    models = Path(root) / "models"
-    return models / "experts" if seed == main_seed else models / "replicates" / str(seed) / "experts"
+    return Path(root) / "models" / "experts" if seed == main_seed else replicate_dir(root, seed) / "experts"

@@ -54,6 +54,7 @@ from lib.core import config, data
 from lib.core.modeling import ModelLoadError, check_local
 from lib.core.pool import pool_map, remove_stale
 from lib.core.training import TrainingDiverged, one_cpu_thread, train_lora
+from lib.experts.seeds import replicate_dir
 
 BUDGETS = ("same_steps", "total_steps")
 
@@ -146,7 +147,7 @@ def steps_run(jobs: list[dict], infos: list[dict]) -> dict:
 def _replicate_jobs(root: Path, skills: list[str], e, seed: int) -> list[dict]:
     """Replicate ``seed``'s set (experts and the joint LoRA at the total steps) under
     models/replicates/<seed>/, its adapters of dropped skills removed."""
-    out = root / "models" / "replicates" / str(seed)
+    out = replicate_dir(root, seed)
     remove_stale(out / "experts", skills)
     remove_stale(out / "joint", ["total_steps"])
     return set_jobs(root, skills, e, seed, root / "models" / "base", root / "datasets" / "corpus", out)

@@ -22,6 +22,7 @@ from lib.core.stats import SEED_SUMMARY, per_seed_columns, seed_macro_ci, spearm
 from lib.core.evaluation import BASE_ADAPTER
 from lib.core.modeling import load_on_device
 from lib.experts import adapters as X
+from lib.experts.seeds import replicate_dir
 from lib.merge import leaderboard as MR, task_vectors as M
 from lib.route.routers import ROUTERS
 
@@ -82,7 +83,7 @@ def load(cfg: dict, base_dir: str | Path, dirs: dict[str, Path], root: str | Pat
 def replicate_dirs(names: list[str], seed: int) -> dict[str, Path]:
     """The adapters of the replicate trained with ``seed`` (models/replicates/<seed>): its
     experts and its joint LoRA at the total steps."""
-    root = Path("models") / "replicates" / str(seed)
+    root = replicate_dir("", seed)
     return {s: root / "experts" / s for s in names} | {"joint_total_steps": root / "joint" / "total_steps"}
 
 
