@@ -83,7 +83,7 @@ def load(cfg: dict, base_dir: str | Path, dirs: dict[str, Path], root: str | Pat
 def replicate_dirs(names: list[str], seed: int) -> dict[str, Path]:
     """The adapters of the replicate trained with ``seed`` (models/replicates/<seed>): its
     experts and its joint LoRA at the total steps."""
-    root = replicate_dir("", seed)
+    root = replicate_dir(".", seed)  # relative: the stage runs in its workdir
     return {s: root / "experts" / s for s in names} | {"joint_total_steps": root / "joint" / "total_steps"}
 
 
